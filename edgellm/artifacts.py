@@ -1,0 +1,115 @@
+"""Content hashes, atomic writes and manifests: a killed run never leaves an artifact a rerun trusts.
+
+A variant is built in a hidden staging folder `OUT/.<name>.partial`, its manifest is
+written last, and the folder is renamed into place. A rerun trusts a variant only when
+its manifest exists, its key matches, and the files it lists have the recorded sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One hash over several files' names and contents, in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside `path`; on success rename it over `path`, else delete it."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def staging_dir(final: Path) -> Path:
+    return final.with_name(f".{final.name}.partial")
+
+
+def fresh_staging_dir(final: Path) -> Path:
+    """An empty staging folder for `final`, clearing what a killed run left there."""
+    staging = staging_dir(final)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish_dir(staging: Path, final: Path, key: str, record: dict) -> None:
+    """Write the manifest (last), then move the staging folder into place."""
+    files = {
+        str(p.relative_to(staging)): p.stat().st_size
+        for p in sorted(staging.rglob("*")) if p.is_file()
+    }
+    write_json_atomic(staging / MANIFEST, {"key": key, "files": files, **record})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def trusted(folder: Path, key: str) -> bool:
+    """True when `folder` holds a complete artifact built for `key`."""
+    manifest = read_manifest(folder)
+    if not manifest or manifest.get("key") != key:
+        return False
+    for name, size in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
+
+
+def dir_size(folder: Path, suffixes: tuple[str, ...] | None = None) -> int:
+    return sum(
+        p.stat().st_size for p in folder.rglob("*")
+        if p.is_file() and (suffixes is None or p.suffix in suffixes)
+    )

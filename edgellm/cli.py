@@ -1,0 +1,147 @@
+"""The `edgellm` command line: parses, calls one function, prints. The work lives elsewhere."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from typer.exceptions import Abort, Exit, TyperException
+
+from edgellm.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress, export and measure causal LMs for edge deployment.")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+
+
+@app.command()
+def demo(out: OutOption = Path("edgellm-demo"),
+         remeasure: Annotated[bool, typer.Option(help="Measure again even if cached.")] = False):
+    """Run the built-in recipe on the embedded SmolLM2-135M (torch, GGUF f16/q8_0/q4_k_m/q4_0)."""
+    from edgellm.recipe import builtin_recipe_path
+
+    run(builtin_recipe_path("demo"), out, remeasure)
+
+
+@app.command()
+def run(recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+        out: OutOption = Path("edgellm-out"),
+        remeasure: Annotated[bool, typer.Option(help="Measure again even if cached.")] = False):
+    """Build every variant of RECIPE, measure each in its runtime, write report.json/.md/.html."""
+    from edgellm.pipeline import run_recipe
+    from edgellm.recipe import load_recipe
+    from edgellm.report import rich_table
+
+    report = run_recipe(load_recipe(recipe), out, console, remeasure)
+    console.print(rich_table(report["variants"]))
+
+
+@app.command("eval")
+def eval_command(
+    artifact: Annotated[str, typer.Argument(help=".gguf file or HF folder.")],
+    text: Annotated[str, typer.Option(help="Text file or built-in name.")] = "wikitext-2-raw-test",
+    ctx: Annotated[int, typer.Option(min=16, help="Window length in tokens.")] = 512,
+    max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Cut the text here.")] = 16384,
+    decode_tokens: Annotated[int, typer.Option(min=2, help="Greedy tokens timed.")] = 64,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Perplexity and latency of one artifact in its runtime."""
+    from edgellm.standalone import eval_artifact
+
+    result = eval_artifact(artifact, text, ctx, max_tokens, decode_tokens, threads,
+                           err_console if as_json else console)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for key in ("artifact", "runtime", "ppl", "tokens", "size_bytes", "prefill_tps",
+                    "decode_tps", "ttft_ms", "peak_rss_mb", "threads"):
+            console.print(f"{key:>12}: {result[key]}")
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="Built-in name, HF folder, .gguf file or hub id.")],
+    to: Annotated[str, typer.Option(help="Target format.")] = "gguf",
+    weights: Annotated[str, typer.Option(help="f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, "
+                                              "q4_0, q3_k_m, q2_k, ...")] = "f16",
+    out: OutOption = Path("edgellm-export"),
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the folder.")] = False,
+):
+    """Export MODEL to a deployable file (GGUF) and print its path."""
+    from edgellm.standalone import export_model
+
+    path = export_model(model, to, weights, out, console, trust_remote_code)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def report(out: Annotated[Path, typer.Argument(help="Run folder holding report.json.")]):
+    """Rewrite report.md and report.html from OUT/report.json."""
+    from edgellm.gate import load_report
+    from edgellm.report import write_reports
+
+    path = out / "report.json" if out.is_dir() else out
+    data = load_report(path)
+    for written in write_reports(data, path.parent):
+        console.print(f"wrote {written}")
+
+
+@app.command()
+def gate(
+    report_path: Annotated[Path, typer.Argument(metavar="REPORT", help="report.json")],
+    max_size_mb: Annotated[Optional[float], typer.Option(min=0)] = None,
+    max_ppl_increase_pct: Annotated[Optional[float], typer.Option()] = None,
+    min_decode_tps: Annotated[Optional[float], typer.Option(min=0)] = None,
+    variant: Annotated[Optional[list[str]], typer.Option(help="Gate only these (repeat).")] = None,
+    junit: Annotated[Optional[Path], typer.Option(help="Write JUnit XML here.")] = None,
+):
+    """Exit 0 when every variant is within budget, 1 when one is not, 2 on bad input."""
+    from edgellm.gate import Budget, check, load_report, select_variants, write_junit
+
+    budget = Budget(max_size_mb, max_ppl_increase_pct, min_decode_tps)
+    if budget.is_empty():
+        raise UserError("gate needs a budget: pass --max-size-mb, --max-ppl-increase-pct "
+                        "or --min-decode-tps")
+    rows = select_variants(load_report(report_path), variant, report_path)
+    breaches = check(rows, budget)
+    if junit:
+        write_junit(junit, rows, budget, breaches)
+    for breach in breaches:
+        err_console.print(breach.message, highlight=False, soft_wrap=True)
+    if breaches:
+        raise typer.Exit(1)
+    console.print(f"gate: {len(rows)} variant(s) within budget")
+
+
+def main() -> None:
+    """Console entry: bad input is one line on stderr and exit 2; Ctrl-C exits 130."""
+    try:
+        code = app(standalone_mode=False)
+    except UserError as exc:
+        _fail(str(exc), 2)
+    except (KeyboardInterrupt, Abort):
+        _fail("interrupted", 130)
+    except Exit as exc:
+        sys.exit(exc.exit_code)
+    except TyperException as exc:  # usage errors: bad option, missing argument
+        context = getattr(exc, "ctx", None)
+        command = context.command_path if context else "edgellm"
+        _fail(f"{exc.format_message()} (see `{command} --help`)", 2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write("error: " + " ".join(message.split()) + "\n")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Evaluation texts: built-in names for the shared data files, reading, tokenizing once, windows.
+
+The protocol (see DESIGN.md): the base model's tokenizer turns the text into ids once;
+every runtime scores the same ids in non-overlapping windows of `ctx` tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.errors import UserError
+
+BUILTIN_TEXTS = {
+    "wikitext-2-raw-test": "wikitext-2-raw-test.txt",
+    "wikitext-2-valid": "wikitext-2-valid.txt",
+}
+
+
+def data_dirs() -> list[Path]:
+    """Where built-in texts are looked for: $EDGELLM_DATA, then ../shared/data beside the repo or cwd."""
+    dirs = []
+    if os.environ.get("EDGELLM_DATA"):
+        dirs.append(Path(os.environ["EDGELLM_DATA"]))
+    repo = Path(__file__).resolve().parent.parent
+    dirs += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
+             Path.cwd() / "shared" / "data"]
+    return dirs
+
+
+def resolve_text(name_or_path: str) -> Path:
+    """A built-in text name or a path → an existing file, or a one-line error."""
+    if name_or_path in BUILTIN_TEXTS:
+        for folder in data_dirs():
+            path = folder / BUILTIN_TEXTS[name_or_path]
+            if path.is_file():
+                return path
+        raise UserError(
+            f"built-in text '{name_or_path}' not found: set EDGELLM_DATA to the folder "
+            f"holding {BUILTIN_TEXTS[name_or_path]}"
+        )
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        names = ", ".join(BUILTIN_TEXTS)
+        raise UserError(f"text file {path} does not exist: pass a path or a built-in name ({names})")
+    if not path.is_file():
+        raise UserError(f"text {path} is a folder: pass a UTF-8 text file")
+    return path
+
+
+def read_text(path: Path) -> tuple[str, str]:
+    """The text and its sha256; refuses empty and non-UTF-8 files."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise UserError(f"text file {path} is empty: pass a file with text in it")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"text file {path} is not UTF-8 (byte {exc.start}): re-encode it as UTF-8"
+        ) from None
+    return text, hashlib.sha256(raw).hexdigest()
+
+
+def tokenize(tokenizer, text: str, max_tokens: int | None) -> np.ndarray:
+    """Token ids of the text (no special tokens added), cut to `max_tokens`."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_tokens:
+        ids = ids[:max_tokens]
+    return np.asarray(ids, dtype=np.int32)
+
+
+def token_windows(ids: np.ndarray, ctx: int, source: str = "text") -> list[np.ndarray]:
+    """Non-overlapping windows of exactly `ctx` ids; the tail shorter than a window is dropped."""
+    if ctx < 2:
+        raise UserError(f"ctx {ctx} is too small: use a window of at least 2 tokens")
+    count = len(ids) // ctx
+    if count == 0:
+        raise UserError(
+            f"{source} has {len(ids)} tokens, fewer than one window of {ctx}: "
+            "use a longer text or a smaller --ctx"
+        )
+    return [ids[i * ctx:(i + 1) * ctx] for i in range(count)]

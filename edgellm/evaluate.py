@@ -1,0 +1,148 @@
+"""The evaluation protocol: perplexity over shared token windows, latency, peak memory.
+
+`measure()` runs inside a process that loads only one runtime (see `measure_in_subprocess`)
+so its peak RSS is its own and no other thread pool shares the cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.errors import UserError
+
+
+@dataclass
+class MeasureSpec:
+    """Everything a measuring process needs; written as JSON for the child."""
+
+    fmt: str
+    artifact: str  # file or folder the runtime opens
+    ids_path: str  # .npy of the evaluation token ids (tokenized once by the parent)
+    ctx: int = 512
+    decode_tokens: int = 64
+    threads: int = 2
+    greedy_prompt_tokens: int = 32  # prompt length for the greedy-agreement tokens
+    greedy_tokens: int = 16
+
+
+def default_threads() -> int:
+    """Physical cores where psutil knows them, else logical CPUs."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def perplexity(nll_sum: float, count: int) -> float:
+    return math.exp(nll_sum / count)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB.
+
+    On Linux this is VmHWM: getrusage's ru_maxrss survives fork+exec, so a child started
+    by a parent holding a torch model would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def measure(spec: MeasureSpec, phase: str, progress=None) -> dict:
+    """One phase in this process: 'score' (perplexity, greedy tokens) or 'latency'."""
+    from edgellm.data import token_windows
+    from edgellm.runtimes import open_runtime
+
+    ids = np.load(spec.ids_path)
+    windows = token_windows(ids, spec.ctx)
+    runtime = open_runtime(spec.fmt, spec.artifact, spec.threads, spec.ctx)
+    try:
+        if phase == "score":
+            result = _score(runtime, windows, progress)
+            greedy = runtime.generate(ids[: spec.greedy_prompt_tokens], spec.greedy_tokens)
+            result["greedy_tokens"] = greedy.tokens
+        else:
+            result = _latency(runtime, windows[0], spec.decode_tokens)
+    finally:
+        runtime.close()
+    return {**result, "runtime": runtime.name, "runtime_version": runtime.version,
+            "peak_rss_mb": peak_rss_mb(), "threads": spec.threads,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+
+
+def _score(runtime, windows: list[np.ndarray], progress) -> dict:
+    nll_sum, scored = 0.0, 0
+    task = progress.add_task("scoring windows", total=len(windows)) if progress else None
+    for window in windows:
+        nll, count = runtime.score(window)
+        nll_sum, scored = nll_sum + nll, scored + count
+        if progress:
+            progress.advance(task)
+    return {"ppl": perplexity(nll_sum, scored), "nll_sum": nll_sum,
+            "tokens_scored": scored, "windows": len(windows)}
+
+
+def _latency(runtime, prompt: np.ndarray, decode_tokens: int) -> dict:
+    """Prefill one ctx-long prompt, then decode greedily; a short warm-up run goes first
+    so first-call allocations stay out of the timings."""
+    runtime.generate(prompt[:8], 4)
+    timed = runtime.generate(prompt, decode_tokens)
+    steps = len(timed.tokens) - 1
+    return {"prefill_tps": len(prompt) / timed.prefill_s,
+            "decode_tps": steps / timed.decode_s if steps else None,
+            "ttft_ms": timed.ttft_s * 1000, "prompt_tokens": len(prompt),
+            "decode_tokens": len(timed.tokens)}
+
+
+def measure_in_subprocess(spec: MeasureSpec, work: Path) -> dict:
+    """Score in one fresh process, time in another: each loads only its runtime, and the
+    latency process's peak RSS is what an app running this artifact would hold."""
+    score = _run_phase(spec, "score", work)
+    latency = _run_phase(spec, "latency", work)
+    return {**score, **latency, "score_peak_rss_mb": score["peak_rss_mb"]}
+
+
+def _run_phase(spec: MeasureSpec, phase: str, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    spec_path, result_path = work / f"{phase}.spec.json", work / f"{phase}.result.json"
+    spec_path.write_text(json.dumps(asdict(spec)))
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "edgellm.runtimes.measure", phase, str(spec_path),
+           str(result_path)]
+    try:
+        proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+    finally:
+        spec_path.unlink(missing_ok=True)
+    if proc.returncode in (130, -2):
+        raise KeyboardInterrupt
+    if proc.returncode != 0 or not result_path.is_file():
+        lines = (proc.stderr or "").strip().splitlines() or ["no message"]
+        raise MeasureError(f"{phase} of {spec.artifact} failed in the {spec.fmt} runtime: "
+                           f"{lines[-1]}", proc.stderr)
+    result = json.loads(result_path.read_text())
+    result_path.unlink()
+    return result
+
+
+class MeasureError(UserError):
+    """A measuring process failed; `log` holds its stderr."""
+
+    def __init__(self, message: str, log: str):
+        super().__init__(message)
+        self.log = log

@@ -1,0 +1,107 @@
+"""CI gate: turn budgets into an exit code. 0 all within budget, 1 a budget broken, 2 bad input.
+
+The torch reference is not gated unless named with --variant: it is the baseline, not a
+deliverable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from xml.etree import ElementTree
+
+from edgellm.artifacts import write_text_atomic
+from edgellm.errors import UserError
+from edgellm.recipe import REFERENCE
+
+REQUIRED_KEYS = ("name", "size_bytes", "ppl", "ppl_delta_pct", "decode_tps")
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_size_mb: float | None = None
+    max_ppl_increase_pct: float | None = None
+    min_decode_tps: float | None = None
+
+    def is_empty(self) -> bool:
+        return all(v is None for v in (self.max_size_mb, self.max_ppl_increase_pct,
+                                       self.min_decode_tps))
+
+
+@dataclass(frozen=True)
+class Breach:
+    variant: str
+    budget: str
+    message: str
+
+
+def load_report(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"report {path} does not exist: run `edgellm run` first or fix the path")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"report {path} is not valid JSON: pass the report.json a run wrote") from None
+    variants = report.get("variants") if isinstance(report, dict) else None
+    if not isinstance(variants, list) or not variants:
+        raise UserError(f"report {path} has no variants: pass the report.json a run wrote")
+    for row in variants:
+        missing = [k for k in REQUIRED_KEYS if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise UserError(f"report {path}: a variant lacks {', '.join(missing)}: "
+                            "regenerate it with `edgellm run`")
+    return report
+
+
+def select_variants(report: dict, names: list[str] | None, path: Path) -> list[dict]:
+    rows = report["variants"]
+    if not names:
+        return [r for r in rows if r["name"] != REFERENCE]
+    known = {r["name"]: r for r in rows}
+    for name in names:
+        if name not in known:
+            raise UserError(f"variant '{name}' is not in {path}: known variants are "
+                            f"{', '.join(known)}")
+    return [known[n] for n in names]
+
+
+def check(rows: list[dict], budget: Budget) -> list[Breach]:
+    breaches = []
+    for row in rows:
+        name, size_mb = row["name"], row["size_bytes"] / 1e6
+        if budget.max_size_mb is not None and size_mb > budget.max_size_mb:
+            breaches.append(Breach(name, "max-size-mb",
+                                   f"{name}: size {size_mb:.1f} MB > budget {budget.max_size_mb:g} MB"))
+        delta = row["ppl_delta_pct"]
+        if budget.max_ppl_increase_pct is not None and delta > budget.max_ppl_increase_pct:
+            breaches.append(Breach(name, "max-ppl-increase-pct",
+                                   f"{name}: perplexity +{delta:.2f}% > budget "
+                                   f"+{budget.max_ppl_increase_pct:g}%"))
+        tps = row["decode_tps"]
+        if budget.min_decode_tps is not None and (tps is None or tps < budget.min_decode_tps):
+            breaches.append(Breach(name, "min-decode-tps",
+                                   f"{name}: decode {tps or 0:.1f} tok/s < budget "
+                                   f"{budget.min_decode_tps:g} tok/s"))
+    return breaches
+
+
+def write_junit(path: Path, rows: list[dict], budget: Budget, breaches: list[Breach]) -> None:
+    """One test case per (variant, budget); a breach is a failure with its message."""
+    names = [n for n, v in (("max-size-mb", budget.max_size_mb),
+                            ("max-ppl-increase-pct", budget.max_ppl_increase_pct),
+                            ("min-decode-tps", budget.min_decode_tps)) if v is not None]
+    by_case = {(b.variant, b.budget): b for b in breaches}
+    suite = ElementTree.Element("testsuite", name="edgellm-gate",
+                                tests=str(len(rows) * len(names)), failures=str(len(breaches)))
+    for row in rows:
+        for name in names:
+            case = ElementTree.SubElement(suite, "testcase", classname=row["name"], name=name)
+            if (row["name"], name) in by_case:
+                failure = ElementTree.SubElement(case, "failure", message=by_case[(row["name"], name)].message)
+                failure.text = by_case[(row["name"], name)].message
+    try:
+        write_text_atomic(Path(path), ElementTree.tostring(suite, encoding="unicode") + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write JUnit file {path} ({exc.strerror}): choose a writable path") from None

@@ -1,0 +1,181 @@
+"""The pipeline: build every variant of a recipe once, measure each in its runtime, report.
+
+OUT/reference/   the unmodified model as an HF folder (the torch reference variant)
+OUT/<variant>/   one folder per variant: its artifact, manifest.json, measurement.json
+OUT/_work/       token ids and intermediates (the f32 GGUF that quantized types start from)
+A variant is rebuilt only when its manifest's key (inputs' content hash + spec + tool
+versions) changes; a measurement is redone only when its own key changes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from edgellm import __version__
+from edgellm.artifacts import (
+    fresh_staging_dir, publish_dir, read_manifest, sha256_files, sha256_json, trusted,
+    write_json_atomic,
+)
+from edgellm.data import read_text, resolve_text, token_windows, tokenize
+from edgellm.errors import UserError
+from edgellm.evaluate import MeasureSpec, default_threads, measure_in_subprocess
+from edgellm.models import ModelSource, load_model, load_tokenizer, resolve_source, save_hf_folder
+from edgellm.recipe import REFERENCE, ExportSpec, Recipe, VariantSpec
+from edgellm.report import VariantResult, build_report, write_reports
+from edgellm.tools import tool_versions
+
+WORK = "_work"
+
+
+@dataclass
+class EvalInput:
+    text_path: Path
+    text_sha256: str
+    ids_path: Path
+    tokens: int
+
+
+def run_recipe(recipe: Recipe, out: Path, console: Console, remeasure: bool = False) -> dict:
+    """Build, measure and report every variant; returns the report dict."""
+    source = resolve_source(recipe.model.source)
+    text_path = resolve_text(recipe.eval.text)
+    text, text_sha = read_text(text_path)
+    _check_text_length(text, recipe.eval.ctx, text_path)
+    prepare_out_dir(out)
+    with console.status("reading tokenizer"):
+        tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
+        ids = tokenize(tokenizer, text, recipe.eval.max_tokens)
+    token_windows(ids, recipe.eval.ctx, source=str(text_path))
+    reference_key = build_reference(source, recipe, tokenizer, out / REFERENCE, console)
+    eval_input = save_eval_ids(out, ids, text_path, text_sha)
+    threads = recipe.eval.threads or default_threads()
+    results = [measure_variant(REFERENCE, ExportSpec(format="torch", weights="f32"), [],
+                               out / REFERENCE, reference_key, recipe, eval_input, threads,
+                               console, remeasure)]
+    for variant in recipe.variant:
+        key = build_variant(variant, out, reference_key, console)
+        results.append(measure_variant(variant.name, variant.export,
+                                       [s.method for s in variant.compress], out / variant.name,
+                                       key, recipe, eval_input, threads, console, remeasure))
+    report = build_report(recipe, source, eval_input, results, out)
+    paths = write_reports(report, out)
+    for path in paths:
+        console.print(f"wrote {path}")
+    return report
+
+
+def prepare_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file: pass a folder path to --out")
+    try:
+        (out / WORK).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {out} ({exc.strerror}): "
+                        "choose a writable --out") from None
+
+
+def _check_text_length(text: str, ctx: int, path: Path) -> None:
+    """Cheap early refusal: every token covers at least one byte."""
+    if len(text.encode()) < ctx:
+        raise UserError(f"text {path} is shorter than one window of {ctx} tokens: "
+                        "use a longer text or a smaller --ctx")
+
+
+def build_reference(source: ModelSource, recipe: Recipe, tokenizer, folder: Path,
+                    console: Console) -> str:
+    """Save the unmodified model as an HF folder once; its key is the source's content hash."""
+    source_hash = sha256_files(source.files())
+    key = sha256_json({"source": source_hash, "edgellm": __version__})
+    if trusted(folder, key):
+        console.print(f"[dim]reference: up to date in {folder}[/dim]")
+        return key
+    with console.status(f"loading {source.label or source.path} into torch"):
+        model = load_model(source, recipe.model.trust_remote_code)
+        staging = fresh_staging_dir(folder)
+        save_hf_folder(model, tokenizer, source, staging)
+    publish_dir(staging, folder, key, {"name": REFERENCE, "source": source.label,
+                                       "source_sha256": source_hash, "steps": [],
+                                       "export": {"format": "torch", "weights": "f32"},
+                                       "tools": tool_versions()})
+    console.print(f"reference: saved {folder}")
+    return key
+
+
+def save_eval_ids(out: Path, ids: np.ndarray, text_path: Path, text_sha: str) -> EvalInput:
+    ids_path = out / WORK / f"eval-ids-{sha256_json([text_sha, ids.tolist()])[:16]}.npy"
+    if not ids_path.is_file():
+        tmp = ids_path.with_name(ids_path.stem + ".partial.npy")
+        np.save(tmp, ids)
+        tmp.replace(ids_path)
+    return EvalInput(text_path, text_sha, ids_path, len(ids))
+
+
+def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: Console) -> str:
+    """Compress (when asked) and export one variant into OUT/<name>/ unless already there."""
+    from edgellm.export.build import export_artifact
+
+    spec = variant.model_dump(exclude={"name"})
+    key = sha256_json({"reference": reference_key, "spec": spec, "edgellm": __version__})
+    folder = out / variant.name
+    if trusted(folder, key):
+        console.print(f"[dim]{variant.name}: up to date in {folder}[/dim]")
+        return key
+    staging = fresh_staging_dir(folder)
+    model_dir = out / REFERENCE
+    if variant.compress:
+        raise UserError(f"variant {variant.name}: compression methods are not available yet")
+    work = out / WORK / f"ref-{reference_key[:12]}"
+    work.mkdir(parents=True, exist_ok=True)
+    with console.status(f"{variant.name}: exporting {variant.export.format} "
+                        f"{variant.export.weights}"):
+        export_artifact(model_dir, staging, variant.export, variant.name, work)
+    publish_dir(staging, folder, key, {"name": variant.name, "spec": spec,
+                                       "steps": [s.method for s in variant.compress],
+                                       "tools": tool_versions()})
+    console.print(f"{variant.name}: built {folder}")
+    return key
+
+
+def measure_variant(name: str, export: ExportSpec, steps: list[str], folder: Path, key: str,
+                    recipe: Recipe, eval_input: EvalInput, threads: int, console: Console,
+                    remeasure: bool) -> VariantResult:
+    from edgellm.export.build import artifact_path
+
+    artifact = artifact_path(folder, export)
+    spec = MeasureSpec(fmt=export.format, artifact=str(artifact),
+                       ids_path=str(eval_input.ids_path), ctx=recipe.eval.ctx,
+                       decode_tokens=recipe.eval.decode_tokens, threads=threads)
+    measure_key = sha256_json({"artifact": key, "ids": eval_input.ids_path.name,
+                               "ctx": spec.ctx, "decode": spec.decode_tokens,
+                               "threads": threads, "edgellm": __version__})
+    cached = read_manifest_file(folder / "measurement.json")
+    if cached and cached.get("key") == measure_key and not remeasure:
+        console.print(f"[dim]{name}: measurement reused[/dim]")
+        measured = cached["result"]
+    else:
+        console.print(f"{name}: measuring in {export.format} runtime ({threads} threads)")
+        measured = measure_in_subprocess(spec, folder.parent / WORK / f"measure-{name}")
+        write_json_atomic(folder / "measurement.json", {"key": measure_key, "result": measured})
+    manifest = read_manifest(folder) or {}
+    return VariantResult(name=name, export=export, steps=steps, artifact=artifact,
+                         measured=measured, manifest=manifest)
+
+
+def read_manifest_file(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def clean_out_dir(out: Path) -> None:
+    """Remove staging folders a killed run left behind."""
+    for partial in out.glob(".*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)

@@ -1,0 +1,160 @@
+"""The recipe: a TOML file naming a model, an evaluation text and variants, validated by pydantic.
+
+Unknown keys and bad values are errors that name the key and its line in the file.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgellm.errors import UserError
+
+REFERENCE = "reference"
+FORMATS = ("torch", "gguf")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    source: str = "smollm2-135m"
+    trust_remote_code: bool = False
+
+
+class EvalSpec(Strict):
+    text: str = "wikitext-2-raw-test"
+    max_tokens: int | None = Field(16384, gt=0)
+    ctx: int = Field(512, ge=16, le=32768)
+    decode_tokens: int = Field(64, ge=2, le=4096)
+    threads: int | None = Field(None, ge=1, le=1024)
+
+
+class CalibrationSpec(Strict):
+    text: str = "wikitext-2-valid"
+    samples: int = Field(128, gt=0)
+    seqlen: int = Field(512, ge=16)
+
+
+class CompressStep(BaseModel):
+    """One compression method and its arguments; each method validates its own arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str
+
+
+class ExportSpec(Strict):
+    format: Literal["torch", "gguf"]
+    weights: str = "f16"
+
+    @model_validator(mode="after")
+    def _known_weights(self):
+        from edgellm.export import weights_for
+
+        allowed = weights_for(self.format)
+        if self.weights not in allowed:
+            raise ValueError(
+                f"weights '{self.weights}' not available for {self.format}: "
+                f"use one of {', '.join(allowed)}"
+            )
+        return self
+
+
+class VariantSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    compress: list[CompressStep] = []
+    export: ExportSpec
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name == REFERENCE or name.startswith("_"):
+            raise ValueError(f"variant name '{name}' is reserved: choose another")
+        return name
+
+    @field_validator("compress")
+    @classmethod
+    def _known_methods(cls, steps: list[CompressStep]) -> list[CompressStep]:
+        from edgellm.compress import METHODS
+
+        for step in steps:
+            if step.method not in METHODS:
+                known = ", ".join(sorted(METHODS)) or "none in this version"
+                raise ValueError(f"unknown compress method '{step.method}' (known: {known})")
+        return steps
+
+
+class Recipe(Strict):
+    model: ModelSpec = ModelSpec()
+    eval: EvalSpec = EvalSpec()
+    calibration: CalibrationSpec = CalibrationSpec()
+    variant: list[VariantSpec] = []
+
+    @field_validator("variant")
+    @classmethod
+    def _unique_names(cls, variants: list[VariantSpec]) -> list[VariantSpec]:
+        seen = set()
+        for variant in variants:
+            if variant.name in seen:
+                raise ValueError(f"variant name '{variant.name}' appears twice")
+            seen.add(variant.name)
+        return variants
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read and validate a recipe file; every problem is one line naming key and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist: pass a .toml recipe file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise UserError(f"recipe {path} is not UTF-8 text: save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"recipe {path} is not valid TOML: {exc}") from None
+    return parse_recipe(data, text, str(path))
+
+
+def parse_recipe(data: dict[str, Any], text: str = "", origin: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"])
+        shown = _toml_key(data, error["loc"])
+        line = _line_of(text, shown)
+        where = f"{origin}:{line}" if line else origin
+        message = error["msg"].removeprefix("Value error, ")
+        raise UserError(f"{where}: key '{key}': {message}") from None
+
+
+def _toml_key(data: dict, loc: tuple) -> str:
+    """The last named key on the error path, as it appears in the TOML text."""
+    names = [part for part in loc if isinstance(part, str)]
+    if names and names[-1] in ("variant",):
+        return "[[variant]]"
+    return names[-1] if names else ""
+
+
+def _line_of(text: str, key: str) -> int | None:
+    if not key or not text:
+        return None
+    if key == "[[variant]]":
+        pattern = re.escape(key)
+    else:
+        pattern = rf"(^|[\s{{,]){re.escape(key)}\s*="
+    for number, line in enumerate(text.splitlines(), start=1):
+        if re.search(pattern, line) or line.strip() == f"[{key}]":
+            return number
+    return None
+
+
+def builtin_recipe_path(name: str = "demo") -> Path:
+    return Path(__file__).parent / "recipes" / f"{name}.toml"

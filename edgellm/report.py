@@ -1,0 +1,170 @@
+"""The report of one run: report.json (the contract in DESIGN.md), report.md, report.html.
+
+Every number comes from a measurement or from the artifact on disk; nothing is assumed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edgellm import __version__
+from edgellm.artifacts import dir_size, write_json_atomic, write_text_atomic
+from edgellm.recipe import REFERENCE
+from edgellm.tools import machine_info, tool_versions
+
+COLUMNS = [  # (key, header, format)
+    ("name", "variant", "{}"), ("format", "format", "{}"), ("weights", "weights", "{}"),
+    ("runtime", "runtime", "{}"), ("size_mb", "size MB", "{:.1f}"),
+    ("compression_ratio", "ratio", "{:.2f}×"), ("bits_per_weight", "bpw", "{:.2f}"),
+    ("ppl", "ppl", "{:.4f}"), ("ppl_delta_pct", "Δppl %", "{:+.3f}"),
+    ("prefill_tps", "prefill tok/s", "{:.1f}"), ("decode_tps", "decode tok/s", "{:.1f}"),
+    ("ttft_ms", "TTFT ms", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+]
+
+
+@dataclass
+class VariantResult:
+    name: str
+    export: object
+    steps: list[str]
+    artifact: Path
+    measured: dict
+    manifest: dict = field(default_factory=dict)
+
+
+def artifact_size(path: Path) -> int:
+    """Bytes a user ships: the file, or a folder's weight files."""
+    if path.is_file():
+        return path.stat().st_size
+    return dir_size(path, (".safetensors",))
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Parameters of the reference model (a tied lm_head counted once)."""
+    from safetensors import safe_open
+
+    config = json.loads((model_dir / "config.json").read_text())
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(path, framework="np") as handle:
+            for name in handle.keys():
+                if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+                    continue
+                total += _numel(handle.get_slice(name).get_shape())
+    return total
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def build_report(recipe, source, eval_input, results: list[VariantResult], out: Path) -> dict:
+    params = count_parameters(out / REFERENCE)
+    reference = next(r for r in results if r.name == REFERENCE)
+    ref_ppl, ref_size = reference.measured["ppl"], artifact_size(reference.artifact)
+    variants = [_variant_row(r, out, params, ref_ppl, ref_size) for r in results]
+    first = results[0].measured
+    return {
+        "edgellm": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"source": recipe.model.source, "parameters": params,
+                  "path": str(source.path)},
+        "eval": {"text": recipe.eval.text, "path": str(eval_input.text_path),
+                 "sha256": eval_input.text_sha256, "tokens": eval_input.tokens,
+                 "tokens_scored": first["tokens_scored"], "ctx": recipe.eval.ctx,
+                 "windows": first["windows"], "decode_tokens": recipe.eval.decode_tokens},
+        "machine": {**machine_info(), "threads": first["threads"]},
+        "tools": tool_versions(),
+        "variants": variants,
+    }
+
+
+def _variant_row(result: VariantResult, out: Path, params: int, ref_ppl: float,
+                 ref_size: int) -> dict:
+    m = result.measured
+    size = artifact_size(result.artifact)
+    return {
+        "name": result.name,
+        "format": result.export.format,
+        "weights": result.export.weights,
+        "runtime": m["runtime"],
+        "runtime_version": m["runtime_version"],
+        "path": str(result.artifact.relative_to(out)) if result.artifact.is_relative_to(out)
+        else str(result.artifact),
+        "size_bytes": size,
+        "size_mb": size / 1e6,
+        "compression_ratio": ref_size / size,
+        "bits_per_weight": size * 8 / params,
+        "ppl": m["ppl"],
+        "ppl_delta_pct": 100 * (m["ppl"] / ref_ppl - 1),
+        "prefill_tps": m["prefill_tps"],
+        "decode_tps": m["decode_tps"],
+        "ttft_ms": m["ttft_ms"],
+        "peak_rss_mb": m["peak_rss_mb"],
+        "threads": m["threads"],
+        "omp_wait_policy": m["omp_wait_policy"],
+        "greedy_tokens": m["greedy_tokens"],
+        "steps": result.steps,
+    }
+
+
+def markdown_table(variants: list[dict]) -> str:
+    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+             "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for row in variants:
+        cells = [fmt.format(row[key]) if row.get(key) is not None else "–"
+                 for key, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+CONSOLE_COLUMNS = ("name", "weights", "size_mb", "bits_per_weight", "ppl", "ppl_delta_pct",
+                   "decode_tps", "peak_rss_mb")
+
+
+def rich_table(variants: list[dict]):
+    """The terminal summary: fewer columns than report.md so it fits 80 characters."""
+    from rich.table import Table
+
+    columns = [c for c in COLUMNS if c[0] in CONSOLE_COLUMNS]
+    table = Table(*(header for _, header, _ in columns))
+    table.columns[0].no_wrap = True
+    for row in variants:
+        table.add_row(*(fmt.format(row[key]) if row.get(key) is not None else "–"
+                        for key, _, fmt in columns))
+    return table
+
+
+def render_markdown(report: dict) -> str:
+    ev, machine = report["eval"], report["machine"]
+    return "\n".join([
+        f"# edgellm report: {report['model']['source']}",
+        "",
+        markdown_table(report["variants"]),
+        "",
+        f"Perplexity on `{ev['text']}` (sha256 `{ev['sha256'][:16]}…`), {ev['tokens_scored']} "
+        f"scored tokens in {ev['windows']} windows of {ev['ctx']}; every runtime scored the "
+        "same token ids. Δppl is against the torch fp32 reference.",
+        f"Latency: prefill of one {ev['ctx']}-token prompt, then {ev['decode_tokens']} greedy "
+        f"tokens with a KV cache; {machine['threads']} threads, OMP_WAIT_POLICY="
+        f"{machine['omp_wait_policy']}; each variant measured in its own process.",
+        f"Machine: {machine['cpu']}, {machine['physical_cores']} cores, "
+        f"{machine['memory_gb']} GB, {machine['os']}, Python {machine['python']}.",
+        "",
+    ])
+
+
+def write_reports(report: dict, out: Path) -> list[Path]:
+    from edgellm.report_html import render_html
+
+    paths = [out / "report.json", out / "report.md", out / "report.html"]
+    write_json_atomic(paths[0], report)
+    write_text_atomic(paths[1], render_markdown(report))
+    write_text_atomic(paths[2], render_html(report))
+    return paths

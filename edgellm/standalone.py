@@ -1,0 +1,90 @@
+"""`edgellm eval` and `edgellm export`: one artifact at a time, outside a recipe."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+from edgellm.artifacts import sha256_files, sha256_json
+from edgellm.data import read_text, resolve_text, token_windows, tokenize
+from edgellm.errors import UserError
+from edgellm.evaluate import MeasureSpec, default_threads, measure_in_subprocess
+from edgellm.models import ModelSource, load_model, load_tokenizer, resolve_source, save_hf_folder
+from edgellm.report import artifact_size
+
+
+def eval_artifact(artifact: str, text: str, ctx: int, max_tokens: int | None,
+                  decode_tokens: int, threads: int | None, console: Console) -> dict:
+    """Perplexity and latency of one artifact (.gguf file or HF folder) in its runtime."""
+    source = resolve_source(artifact)
+    fmt = "gguf" if source.kind == "gguf" else "torch"
+    path = Path(source.path) / source.gguf_file if fmt == "gguf" else Path(source.path)
+    text_path = resolve_text(text)
+    body, text_sha = read_text(text_path)
+    with console.status("tokenizing"):
+        ids = tokenize(load_tokenizer(source), body, max_tokens)
+    token_windows(ids, ctx, source=str(text_path))
+    threads = threads or default_threads()
+    with tempfile.TemporaryDirectory(prefix="edgellm-eval-") as tmp:
+        import numpy as np
+
+        ids_path = Path(tmp) / "ids.npy"
+        np.save(ids_path, ids)
+        spec = MeasureSpec(fmt=fmt, artifact=str(path), ids_path=str(ids_path), ctx=ctx,
+                           decode_tokens=decode_tokens, threads=threads)
+        measured = measure_in_subprocess(spec, Path(tmp))
+    return {"artifact": str(path), "format": fmt, "size_bytes": artifact_size(path),
+            "text": str(text_path), "sha256": text_sha, "tokens": measured["tokens_scored"],
+            "ctx": ctx, **measured}
+
+
+def export_model(model: str, to: str, weights: str, out: Path, console: Console,
+                 trust_remote_code: bool = False) -> Path:
+    """Export a model to `out/<name>-<weights>.gguf` (the only export target so far)."""
+    from edgellm.export import weights_for
+    from edgellm.export.gguf import export_gguf
+
+    if to != "gguf":
+        raise UserError(f"export target '{to}' is not supported: use --to gguf")
+    if weights not in weights_for(to):
+        raise UserError(f"weights '{weights}' not available for {to}: use one of "
+                        f"{', '.join(weights_for(to))}")
+    source = resolve_source(model)
+    _prepare(out)
+    folder = _hf_folder(source, out, console, trust_remote_code)
+    stem = Path(source.gguf_file).stem if source.gguf_file else Path(source.path).name
+    target = out / f"{stem}-{weights}.gguf"
+    with console.status(f"exporting {to} {weights}"):
+        export_gguf(folder, target, weights, folder)
+    return target
+
+
+def _prepare(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file: pass a folder path to --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {out} ({exc.strerror}): "
+                        "choose a writable --out") from None
+
+
+def _hf_folder(source: ModelSource, out: Path, console: Console, trust_remote_code: bool) -> Path:
+    """An HF folder for the exporter: the source itself, or a saved copy of a GGUF source."""
+    if source.kind == "hf":
+        return Path(source.path)
+    from edgellm.artifacts import fresh_staging_dir, publish_dir, trusted
+
+    key = sha256_json({"source": sha256_files(source.files())})
+    folder = out / "_work" / f"hf-{key[:12]}"
+    if not trusted(folder, key):
+        with console.status("loading the GGUF into torch (dequantizing)"):
+            model = load_model(source, trust_remote_code)
+            tokenizer = load_tokenizer(source, trust_remote_code)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            staging = fresh_staging_dir(folder)
+            save_hf_folder(model, tokenizer, source, staging)
+        publish_dir(staging, folder, key, {"source": source.label})
+    return folder

@@ -1,0 +1,66 @@
+"""Runtimes: each artifact format runs in its real engine behind one small interface.
+
+A runtime scores a window of token ids (sum of next-token NLL over all positions after
+the first) and runs timed greedy generation with a KV cache. Modules are imported
+lazily so a measuring process loads only the runtime it needs (no torch thread pool
+beside llama.cpp's).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+# artifact format → (module, class). One line per runtime.
+RUNTIMES = {
+    "torch": ("edgellm.runtimes.pytorch", "TorchRuntime"),
+    "gguf": ("edgellm.runtimes.llamacpp", "LlamaCppRuntime"),
+}
+
+
+@dataclass
+class Generation:
+    """Greedy tokens from one prompt, with the time each phase took (seconds)."""
+
+    tokens: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0  # prompt forward pass, logits of the last position ready
+    ttft_s: float = 0.0  # from the call until the first new token is chosen
+    decode_s: float = 0.0  # the remaining len(tokens) - 1 steps
+
+
+class Runtime(Protocol):
+    name: str
+    version: str
+
+    def score(self, window: np.ndarray) -> tuple[float, int]:
+        """Sum of NLL of window[1:] given its prefix, and how many tokens that was."""
+
+    def generate(self, prompt: np.ndarray, new_tokens: int) -> Generation:
+        """Greedy generation: one prefill, then one cached step per token."""
+
+    def close(self) -> None:
+        """Free the model."""
+
+
+def open_runtime(fmt: str, path: str, threads: int, ctx: int) -> Runtime:
+    if fmt not in RUNTIMES:
+        raise ValueError(f"no runtime for format '{fmt}' (known: {', '.join(RUNTIMES)})")
+    module_name, class_name = RUNTIMES[fmt]
+    runtime_class = getattr(importlib.import_module(module_name), class_name)
+    return runtime_class(path, threads=threads, ctx=ctx)
+
+
+def argmax(logits: np.ndarray) -> int:
+    return int(np.argmax(logits))
+
+
+def nll_of_targets(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Sum over rows of -log softmax(logits)[target], in float64 for a stable sum."""
+    logits = logits.astype(np.float64, copy=False)
+    peak = logits.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
+    picked = logits[np.arange(len(targets)), targets]
+    return float((log_norm - picked).sum())

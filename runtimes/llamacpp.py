@@ -1,0 +1,72 @@
+"""The llama.cpp runtime (llama-cpp-python): runs GGUF files as laptop and phone apps do.
+
+Scoring asks for logits at every position of a window (the same ids torch saw).
+Generation uses a second context without all-position logits, so prefill time is
+what an app would see, and decodes one token per step with the KV cache.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import llama_cpp
+from llama_cpp import Llama, __version__ as llama_cpp_version
+
+from edgellm.runtimes import Generation, argmax, nll_of_targets
+
+
+class LlamaCppRuntime:
+    name = "llama.cpp"
+
+    def __init__(self, path: str, threads: int, ctx: int):
+        self.path, self.threads, self.ctx = path, threads, ctx
+        self.version = f"llama-cpp-python {llama_cpp_version}"
+        self._llm: Llama | None = None
+        self._all_logits: bool | None = None
+
+    def _context(self, all_logits: bool, n_ctx: int) -> Llama:
+        if self._llm is None or self._all_logits != all_logits or self._llm.n_ctx() < n_ctx:
+            self.close()
+            self._llm = Llama(
+                model_path=self.path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                n_threads=self.threads, n_threads_batch=self.threads,
+                logits_all=all_logits, verbose=False,
+            )
+            self._all_logits = all_logits
+        return self._llm
+
+    def score(self, window: np.ndarray) -> tuple[float, int]:
+        llm = self._context(all_logits=True, n_ctx=max(self.ctx, len(window)))
+        llm.reset()
+        llm.eval(window.tolist())
+        logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float32)
+        return nll_of_targets(logits, window[1:]), len(window) - 1
+
+    def generate(self, prompt: np.ndarray, new_tokens: int) -> Generation:
+        llm = self._context(all_logits=False, n_ctx=len(prompt) + new_tokens + 1)
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt.tolist())
+        prefill_done = time.perf_counter()
+        token = argmax(self._last_logits(llm))
+        first = time.perf_counter()
+        tokens = [token]
+        for _ in range(new_tokens - 1):
+            llm.eval([token])
+            token = argmax(self._last_logits(llm))
+            tokens.append(token)
+        end = time.perf_counter()
+        return Generation(tokens, prefill_done - start, first - start, end - first)
+
+    @staticmethod
+    def _last_logits(llm: Llama) -> np.ndarray:
+        """Logits of the last evaluated position (the high-level API keeps them only with
+        logits_all, so read llama.cpp's buffer directly)."""
+        pointer = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),))
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None

@@ -1,0 +1,51 @@
+"""The torch runtime: the reference. Runs an HF folder with transformers on the CPU."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from edgellm.runtimes import Generation
+
+
+class TorchRuntime:
+    name = "torch"
+
+    def __init__(self, path: str, threads: int, ctx: int):
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        self.version = f"torch {torch.__version__}"
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True, local_files_only=True,
+        ).eval()
+
+    @torch.inference_mode()
+    def score(self, window: np.ndarray) -> tuple[float, int]:
+        ids = torch.from_numpy(window.astype(np.int64))[None]
+        logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+        return float(nll), len(window) - 1
+
+    @torch.inference_mode()
+    def generate(self, prompt: np.ndarray, new_tokens: int) -> Generation:
+        ids = torch.from_numpy(prompt.astype(np.int64))[None]
+        start = time.perf_counter()
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        prefill_done = time.perf_counter()
+        token = int(out.logits[0, -1].argmax())
+        first = time.perf_counter()
+        tokens, past = [token], out.past_key_values
+        for _ in range(new_tokens - 1):
+            step = torch.tensor([[token]])
+            out = self.model(input_ids=step, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = int(out.logits[0, -1].argmax())
+            tokens.append(token)
+        end = time.perf_counter()
+        return Generation(tokens, prefill_done - start, first - start, end - first)
+
+    def close(self) -> None:
+        del self.model
