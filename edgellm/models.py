@@ -128,10 +128,20 @@ def _looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
+def quiet_transformers() -> None:
+    """Keep transformers' per-load progress bars and advice off the user's terminal; edgellm
+    shows its own progress."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     """Load the tokenizer of a model source."""
     from transformers import AutoTokenizer
 
+    quiet_transformers()
     with _hub_errors(source):
         tokenizer = AutoTokenizer.from_pretrained(
             source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code,
@@ -148,6 +158,7 @@ def load_model(source: ModelSource, trust_remote_code: bool = False, dtype: str 
     import torch
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     kwargs = dict(
         dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
         local_files_only=_offline(source),

@@ -46,11 +46,12 @@ def run_recipe(recipe: Recipe, out: Path, console: Console, remeasure: bool = Fa
     text_path = resolve_text(recipe.eval.text)
     text, text_sha = read_text(text_path)
     _check_text_length(text, recipe.eval.ctx, text_path)
-    prepare_out_dir(out)
+    check_out_dir(out)
     with console.status("reading tokenizer"):
         tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
         ids = tokenize(tokenizer, text, recipe.eval.max_tokens)
     token_windows(ids, recipe.eval.ctx, source=str(text_path))
+    prepare_out_dir(out)  # only now, so bad input leaves nothing behind
     reference_key = build_reference(source, recipe, tokenizer, out / REFERENCE, console)
     eval_input = save_eval_ids(out, ids, text_path, text_sha)
     threads = recipe.eval.threads or default_threads()
@@ -69,9 +70,13 @@ def run_recipe(recipe: Recipe, out: Path, console: Console, remeasure: bool = Fa
     return report
 
 
-def prepare_out_dir(out: Path) -> None:
+def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file: pass a folder path to --out")
+
+
+def prepare_out_dir(out: Path) -> None:
+    check_out_dir(out)
     try:
         (out / WORK).mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -24,16 +24,18 @@ class LlamaCppRuntime:
         self.version = f"llama-cpp-python {llama_cpp_version}"
         self._llm: Llama | None = None
         self._all_logits: bool | None = None
+        self._n_ctx = 0
 
     def _context(self, all_logits: bool, n_ctx: int) -> Llama:
-        if self._llm is None or self._all_logits != all_logits or self._llm.n_ctx() < n_ctx:
+        """A llama.cpp context of at least n_ctx tokens, reused while it fits."""
+        if self._llm is None or self._all_logits != all_logits or self._n_ctx < n_ctx:
             self.close()
             self._llm = Llama(
-                model_path=self.path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                model_path=self.path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512),
                 n_threads=self.threads, n_threads_batch=self.threads,
                 logits_all=all_logits, verbose=False,
             )
-            self._all_logits = all_logits
+            self._all_logits, self._n_ctx = all_logits, n_ctx
         return self._llm
 
     def score(self, window: np.ndarray) -> tuple[float, int]:
@@ -44,7 +46,8 @@ class LlamaCppRuntime:
         return nll_of_targets(logits, window[1:]), len(window) - 1
 
     def generate(self, prompt: np.ndarray, new_tokens: int) -> Generation:
-        llm = self._context(all_logits=False, n_ctx=len(prompt) + new_tokens + 1)
+        # room for a ctx-long prompt and as many new tokens, so warm-up and timed runs share it
+        llm = self._context(all_logits=False, n_ctx=max(2 * self.ctx, len(prompt) + new_tokens))
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt.tolist())

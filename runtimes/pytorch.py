@@ -16,6 +16,9 @@ class TorchRuntime:
     def __init__(self, path: str, threads: int, ctx: int):
         from transformers import AutoModelForCausalLM
 
+        from edgellm.models import quiet_transformers
+
+        quiet_transformers()
         torch.set_num_threads(threads)
         self.version = f"torch {torch.__version__}"
         self.model = AutoModelForCausalLM.from_pretrained(

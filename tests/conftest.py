@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny random llama (built in memory, saved as an HF folder with a small
+BPE tokenizer trained on the fly) for fast tests, and the shared evaluation data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+TINY_TEXT = ("The quick brown fox jumps over the lazy dog. " * 20
+             + "Numbers like 12345 and 678 appear in text. Models read tokens. ") * 3
+
+
+def shared_text(name: str = "wikitext-2-raw-test.txt") -> Path:
+    path = Path(os.environ.get("EDGELLM_DATA", SHARED_DATA)) / name
+    if not path.is_file():
+        pytest.fail(f"shared data {path} missing: set EDGELLM_DATA")
+    return path
+
+
+def build_tiny_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([TINY_TEXT, shared_text().read_text()[:20000]], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_tiny_llama(folder: Path, seed: int = 0, tie: bool = True) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=tie,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         rope_theta=10000.0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights than the init so outputs are not near-uniform
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(8)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run `edgellm ARGS` in a fresh process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "edgellm.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=timeout)

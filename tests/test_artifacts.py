@@ -1,0 +1,53 @@
+"""Atomic writes, manifests and content hashes: what makes reruns safe."""
+
+import pytest
+
+from edgellm.artifacts import (atomic_path, fresh_staging_dir, publish_dir, read_manifest,
+                               sha256_files, trusted, write_json_atomic)
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "model.gguf"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_replaces_on_success(tmp_path):
+    target = tmp_path / "out.json"
+    write_json_atomic(target, {"a": 1})
+    write_json_atomic(target, {"a": 2})
+    assert target.read_text().strip().endswith("}") and '"a": 2' in target.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_publish_then_trust_and_detect_tampering(tmp_path):
+    final = tmp_path / "variant"
+    staging = fresh_staging_dir(final)
+    (staging / "model.gguf").write_bytes(b"x" * 100)
+    publish_dir(staging, final, "key-1", {"name": "variant"})
+    assert not staging.exists()
+    assert trusted(final, "key-1")
+    assert not trusted(final, "key-2")
+    (final / "model.gguf").write_bytes(b"x" * 50)  # truncated by a crash or a user
+    assert not trusted(final, "key-1")
+    assert read_manifest(final)["files"] == {"model.gguf": 100}
+
+
+def test_unpublished_staging_is_never_trusted(tmp_path):
+    final = tmp_path / "variant"
+    staging = fresh_staging_dir(final)
+    (staging / "model.gguf").write_bytes(b"partial")
+    assert not trusted(final, "key")
+    fresh_staging_dir(final)  # a rerun clears what the killed run left
+    assert list(staging.iterdir()) == []
+
+
+def test_content_hash_changes_with_content(tmp_path):
+    a = tmp_path / "a.bin"
+    a.write_bytes(b"one")
+    first = sha256_files([a])
+    a.write_bytes(b"two")
+    assert sha256_files([a]) != first

@@ -1,0 +1,39 @@
+"""The evaluation protocol's data side: texts, one tokenization, windows."""
+
+import numpy as np
+import pytest
+
+from edgellm.data import read_text, resolve_text, token_windows
+from edgellm.errors import UserError
+
+
+def test_windows_are_non_overlapping_and_drop_the_short_tail():
+    ids = np.arange(10, dtype=np.int32)
+    windows = token_windows(ids, 4)
+    assert [w.tolist() for w in windows] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_text_shorter_than_one_window_is_refused():
+    with pytest.raises(UserError, match="fewer than one window"):
+        token_windows(np.arange(3), 4)
+
+
+def test_builtin_text_resolves_to_shared_data():
+    path = resolve_text("wikitext-2-raw-test")
+    text, sha = read_text(path)
+    assert sha == "bbf94c53a05abe9ee670d3b6343608095822c85e26de37c70b24fc571964574a"
+    assert text.startswith(" = Robert Boulter = ")
+
+
+@pytest.mark.parametrize("content, message", [(b"", "is empty"), (b"  \n", "is empty"),
+                                              (b"\xff\xfe bad", "not UTF-8")])
+def test_bad_texts_are_refused(tmp_path, content, message):
+    path = tmp_path / "text.txt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        read_text(path)
+
+
+def test_missing_text_names_the_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_text(str(tmp_path / "nope.txt"))

@@ -1,0 +1,78 @@
+"""The pipeline end to end on a tiny model: variants built once, report written, reruns reuse."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    recipe = out.parent / "recipe.toml"
+    recipe.write_text(f"""
+[model]
+source = "{tiny_llama}"
+[eval]
+max_tokens = 512
+ctx = 64
+decode_tokens = 8
+threads = 1
+[[variant]]
+name = "f16"
+export = {{ format = "gguf", weights = "f16" }}
+[[variant]]
+name = "q8"
+export = {{ format = "gguf", weights = "q8_0" }}
+""")
+    first = run_cli("run", recipe, "--out", out)
+    assert first.returncode == 0, first.stderr
+    return recipe, out, first
+
+
+def test_report_has_every_variant_and_the_contract_keys(tiny_run):
+    _, out, _ = tiny_run
+    report = json.loads((out / "report.json").read_text())
+    assert [v["name"] for v in report["variants"]] == ["reference", "f16", "q8"]
+    keys = {"name", "format", "weights", "runtime", "path", "size_bytes", "bits_per_weight", "ppl",
+            "ppl_delta_pct", "prefill_tps", "decode_tps", "ttft_ms", "peak_rss_mb", "steps"}
+    for row in report["variants"]:
+        assert keys <= row.keys()
+        assert (out / row["path"]).exists()
+    reference, f16, q8 = report["variants"]
+    assert reference["ppl_delta_pct"] == 0 and reference["runtime"] == "torch"
+    assert f16["runtime"] == "llama.cpp" and abs(f16["ppl_delta_pct"]) < 0.5
+    assert q8["size_bytes"] < f16["size_bytes"] < reference["size_bytes"]
+    assert report["eval"]["tokens"] == 512 and report["eval"]["ctx"] == 64
+    assert report["machine"]["threads"] == 1
+    assert "<svg" in (out / "report.html").read_text()
+    assert "| f16 | gguf | f16 | llama.cpp |" in (out / "report.md").read_text()
+
+
+def test_rerun_rebuilds_nothing(tiny_run):
+    recipe, out, first = tiny_run
+    before = {p.parent.name: p.read_text() for p in out.glob("*/manifest.json")}
+    second = run_cli("run", recipe, "--out", out)
+    assert second.returncode == 0, second.stderr
+    after = {p.parent.name: p.read_text() for p in out.glob("*/manifest.json")}
+    assert before == after and set(after) == {"reference", "f16", "q8"}
+    assert "built" not in second.stdout and second.stdout.count("up to date") == 3
+
+
+def test_killed_build_is_not_trusted_and_rerun_completes(tiny_run):
+    recipe, out, _ = tiny_run
+    (out / "q8" / "model.gguf").write_bytes(b"GGUF truncated")  # as a crash would leave it
+    rerun = run_cli("run", recipe, "--out", out)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "q8: built" in rerun.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["variants"][2]["size_bytes"] > 1000
+
+
+def test_report_command_regenerates_md_and_html(tiny_run):
+    _, out, _ = tiny_run
+    (out / "report.md").unlink()
+    result = run_cli("report", out)
+    assert result.returncode == 0, result.stderr
+    assert (out / "report.md").read_text().startswith("# edgellm report")
