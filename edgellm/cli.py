@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -123,6 +124,7 @@ def gate(
 
 def main() -> None:
     """Console entry: bad input is one line on stderr and exit 2; Ctrl-C exits 130."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader has its own bar
     try:
         code = app(standalone_mode=False)
     except UserError as exc:

@@ -42,7 +42,7 @@ class LlamaCppRuntime:
         llm = self._context(all_logits=True, n_ctx=max(self.ctx, len(window)))
         llm.reset()
         llm.eval(window.tolist())
-        logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float32)
+        logits = llm.scores[: len(window) - 1]  # float32 view, no copy
         return nll_of_targets(logits, window[1:]), len(window) - 1
 
     def generate(self, prompt: np.ndarray, new_tokens: int) -> Generation:

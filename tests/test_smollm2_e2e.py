@@ -1,0 +1,84 @@
+"""End to end on the real SmolLM2-135M-Instruct (the embedded default model): the demo
+recipe built, run in torch and llama.cpp on the first 16,384 tokens of wikitext-2 raw test,
+reported, gated, and rerun without rebuilding."""
+
+import json
+
+import gguf
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = run_cli("demo", "--out", out, timeout=1800)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    return out, {v["name"]: v for v in report["variants"]}, report, result
+
+
+def test_demo_measures_every_variant_on_16k_tokens(demo):
+    _, rows, report, _ = demo
+    assert list(rows) == ["reference", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-q4_0"]
+    assert report["eval"]["tokens"] == 16384 and report["eval"]["windows"] == 32
+    assert report["eval"]["sha256"].startswith("bbf94c53")
+    assert rows["reference"]["runtime"] == "torch"
+    assert all(rows[n]["runtime"] == "llama.cpp" for n in rows if n != "reference")
+
+
+def test_f16_gguf_matches_torch_within_half_a_percent(demo):
+    _, rows, _, _ = demo
+    assert abs(rows["gguf-f16"]["ppl_delta_pct"]) < 0.5
+
+
+def test_q8_0_within_one_percent(demo):
+    _, rows, _, _ = demo
+    assert abs(rows["gguf-q8_0"]["ppl_delta_pct"]) < 1.0
+
+
+def test_4bit_types_are_smaller_and_worse_than_q8_0(demo):
+    _, rows, _, _ = demo
+    q8 = rows["gguf-q8_0"]
+    for name in ("gguf-q4_k_m", "gguf-q4_0"):
+        assert rows[name]["ppl"] > q8["ppl"]
+        assert rows[name]["size_bytes"] < q8["size_bytes"]
+    assert q8["size_bytes"] < rows["gguf-f16"]["size_bytes"] < rows["reference"]["size_bytes"]
+
+
+def test_f16_greedy_continuation_matches_torch(demo):
+    _, rows, _, _ = demo
+    torch_tokens = rows["reference"]["greedy_tokens"]
+    assert len(torch_tokens) == 16
+    assert rows["gguf-f16"]["greedy_tokens"] == torch_tokens
+
+
+def test_exported_gguf_carries_what_apps_need(demo):
+    out, rows, _, _ = demo
+    fields = gguf.GGUFReader(out / rows["gguf-q4_0"]["path"]).fields
+    assert fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert "<|im_start|>" in fields["tokenizer.chat_template"].contents()
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == 2
+    assert fields["llama.rope.freq_base"].contents() == pytest.approx(100000.0)
+
+
+def test_rerun_rebuilds_nothing(demo):
+    out, _, _, _ = demo
+    before = {p.parent.name: p.read_text() for p in out.glob("*/manifest.json")}
+    again = run_cli("demo", "--out", out, timeout=900)
+    assert again.returncode == 0, again.stderr
+    after = {p.parent.name: p.read_text() for p in out.glob("*/manifest.json")}
+    assert after == before and len(after) == 5
+    assert again.stdout.count("up to date") == 5 and ": built" not in again.stdout
+
+
+def test_gate_on_the_real_report(demo):
+    out, rows, _, _ = demo
+    report = out / "report.json"
+    assert run_cli("gate", report, "--max-size-mb", 300, "--max-ppl-increase-pct", 50).returncode == 0
+    over = run_cli("gate", report, "--max-size-mb", 100)
+    assert over.returncode == 1
+    assert {line.split(":")[0] for line in over.stderr.strip().splitlines()} == {"gguf-f16", "gguf-q8_0"}
