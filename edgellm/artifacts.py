@@ -89,11 +89,16 @@ def publish_dir(staging: Path, final: Path, key: str, record: dict) -> None:
     os.replace(staging, final)
 
 
-def read_manifest(folder: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is missing or damaged."""
     try:
-        return json.loads((folder / MANIFEST).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_manifest(folder: Path) -> dict | None:
+    return read_json(folder / MANIFEST)
 
 
 def trusted(folder: Path, key: str) -> bool:

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -49,9 +49,9 @@ def eval_command(
     artifact: Annotated[str, typer.Argument(help=".gguf file or HF folder.")],
     text: Annotated[str, typer.Option(help="Text file or built-in name.")] = "wikitext-2-raw-test",
     ctx: Annotated[int, typer.Option(min=16, help="Window length in tokens.")] = 512,
-    max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Cut the text here.")] = 16384,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="Cut the text here.")] = 16384,
     decode_tokens: Annotated[int, typer.Option(min=2, help="Greedy tokens timed.")] = 64,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ):
     """Perplexity and latency of one artifact in its runtime."""
@@ -98,11 +98,11 @@ def report(out: Annotated[Path, typer.Argument(help="Run folder holding report.j
 @app.command()
 def gate(
     report_path: Annotated[Path, typer.Argument(metavar="REPORT", help="report.json")],
-    max_size_mb: Annotated[Optional[float], typer.Option(min=0)] = None,
-    max_ppl_increase_pct: Annotated[Optional[float], typer.Option()] = None,
-    min_decode_tps: Annotated[Optional[float], typer.Option(min=0)] = None,
-    variant: Annotated[Optional[list[str]], typer.Option(help="Gate only these (repeat).")] = None,
-    junit: Annotated[Optional[Path], typer.Option(help="Write JUnit XML here.")] = None,
+    max_size_mb: Annotated[float | None, typer.Option(min=0)] = None,
+    max_ppl_increase_pct: Annotated[float | None, typer.Option()] = None,
+    min_decode_tps: Annotated[float | None, typer.Option(min=0)] = None,
+    variant: Annotated[list[str] | None, typer.Option(help="Gate only these (repeat).")] = None,
+    junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here.")] = None,
 ):
     """Exit 0 when every variant is within budget, 1 when one is not, 2 on bad input."""
     from edgellm.gate import Budget, check, load_report, select_variants, write_junit

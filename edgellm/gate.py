@@ -99,8 +99,9 @@ def write_junit(path: Path, rows: list[dict], budget: Budget, breaches: list[Bre
         for name in names:
             case = ElementTree.SubElement(suite, "testcase", classname=row["name"], name=name)
             if (row["name"], name) in by_case:
-                failure = ElementTree.SubElement(case, "failure", message=by_case[(row["name"], name)].message)
-                failure.text = by_case[(row["name"], name)].message
+                message = by_case[(row["name"], name)].message
+                failure = ElementTree.SubElement(case, "failure", message=message)
+                failure.text = message
     try:
         write_text_atomic(Path(path), ElementTree.tostring(suite, encoding="unicode") + "\n")
     except OSError as exc:

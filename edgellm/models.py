@@ -236,8 +236,10 @@ def save_hf_folder(model, tokenizer, source: ModelSource, dest: Path) -> None:
     (dest / "edgellm_source.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def gguf_metadata(path: Path, keys_prefix: tuple[str, ...] = ("general.", "tokenizer.ggml.pre",
-                                                              "tokenizer.ggml.bos", "tokenizer.ggml.eos")) -> dict:
+GGUF_SCALAR_KEYS = ("general.", "tokenizer.ggml.pre", "tokenizer.ggml.bos", "tokenizer.ggml.eos")
+
+
+def gguf_metadata(path: Path, keys_prefix: tuple[str, ...] = GGUF_SCALAR_KEYS) -> dict:
     """Small scalar metadata of a GGUF file (not the vocabulary arrays)."""
     import gguf
 

@@ -18,7 +18,13 @@ from rich.console import Console
 
 from edgellm import __version__
 from edgellm.artifacts import (
-    fresh_staging_dir, publish_dir, read_manifest, sha256_files, sha256_json, trusted,
+    fresh_staging_dir,
+    publish_dir,
+    read_json,
+    read_manifest,
+    sha256_files,
+    sha256_json,
+    trusted,
     write_json_atomic,
 )
 from edgellm.data import read_text, resolve_text, token_windows, tokenize
@@ -40,8 +46,11 @@ class EvalInput:
     tokens: int
 
 
-def run_recipe(recipe: Recipe, out: Path, console: Console, remeasure: bool = False) -> dict:
+def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
+               remeasure: bool = False) -> dict:
     """Build, measure and report every variant; returns the report dict."""
+    console = console or Console()
+    out = Path(out)
     source = resolve_source(recipe.model.source)
     text_path = resolve_text(recipe.eval.text)
     text, text_sha = read_text(text_path)
@@ -130,15 +139,18 @@ def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: 
     if trusted(folder, key):
         console.print(f"[dim]{variant.name}: up to date in {folder}[/dim]")
         return key
-    staging = fresh_staging_dir(folder)
-    model_dir = out / REFERENCE
     if variant.compress:
         raise UserError(f"variant {variant.name}: compression methods are not available yet")
     work = out / WORK / f"ref-{reference_key[:12]}"
     work.mkdir(parents=True, exist_ok=True)
-    with console.status(f"{variant.name}: exporting {variant.export.format} "
-                        f"{variant.export.weights}"):
-        export_artifact(model_dir, staging, variant.export, variant.name, work)
+    staging = fresh_staging_dir(folder)
+    try:
+        with console.status(f"{variant.name}: exporting {variant.export.format} "
+                            f"{variant.export.weights}"):
+            export_artifact(out / REFERENCE, staging, variant.export, variant.name, work)
+    except BaseException:  # Ctrl-C or a failure: leave no staging folder behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     publish_dir(staging, folder, key, {"name": variant.name, "spec": spec,
                                        "steps": [s.method for s in variant.compress],
                                        "tools": tool_versions()})
@@ -158,7 +170,7 @@ def measure_variant(name: str, export: ExportSpec, steps: list[str], folder: Pat
     measure_key = sha256_json({"artifact": key, "ids": eval_input.ids_path.name,
                                "ctx": spec.ctx, "decode": spec.decode_tokens,
                                "threads": threads, "edgellm": __version__})
-    cached = read_manifest_file(folder / "measurement.json")
+    cached = read_json(folder / "measurement.json")
     if cached and cached.get("key") == measure_key and not remeasure:
         console.print(f"[dim]{name}: measurement reused[/dim]")
         measured = cached["result"]
@@ -171,16 +183,3 @@ def measure_variant(name: str, export: ExportSpec, steps: list[str], folder: Pat
                          measured=measured, manifest=manifest)
 
 
-def read_manifest_file(path: Path) -> dict | None:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def clean_out_dir(out: Path) -> None:
-    """Remove staging folders a killed run left behind."""
-    for partial in out.glob(".*.partial"):
-        shutil.rmtree(partial, ignore_errors=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from edgellm import __version__
@@ -72,7 +72,7 @@ def build_report(recipe, source, eval_input, results: list[VariantResult], out: 
     first = results[0].measured
     return {
         "edgellm": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": {"source": recipe.model.source, "parameters": params,
                   "path": str(source.path)},
         "eval": {"text": recipe.eval.text, "path": str(eval_input.text_path),

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from edgellm.export.gguf_arch import arch_for
+from edgellm.export.gguf_vocab import add_vocab
 from safetensors import safe_open
 
 from edgellm.artifacts import atomic_path
 from edgellm.errors import UserError
-from edgellm.export.gguf_arch import arch_for
-from edgellm.export.gguf_vocab import add_vocab
 
 FLOAT_TYPES = {
     "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
@@ -98,7 +98,7 @@ def _add_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray, tensor_typ
         writer.add_tensor(name, data.astype(np.float16))
     else:
         packed = gguf.quants.quantize(data.astype(np.float32), tensor_type)
-        writer.add_tensor(name, packed, raw_shape=data.shape, raw_dtype=tensor_type)
+        writer.add_tensor(name, packed, raw_dtype=tensor_type)  # shape read from the bytes
 
 
 def quantize_gguf(source: Path, out_path: Path, weights: str, threads: int = 0) -> None:

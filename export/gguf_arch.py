@@ -8,8 +8,8 @@ graph) first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import gguf
 import numpy as np

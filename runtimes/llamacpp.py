@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import llama_cpp
-from llama_cpp import Llama, __version__ as llama_cpp_version
-
+import numpy as np
 from edgellm.runtimes import Generation, argmax, nll_of_targets
+from llama_cpp import Llama
+from llama_cpp import __version__ as llama_cpp_version
 
 
 class LlamaCppRuntime:

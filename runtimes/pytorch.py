@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import torch
-
 from edgellm.runtimes import Generation
 
 

@@ -2,16 +2,22 @@
 
 import pytest
 
-from edgellm.artifacts import (atomic_path, fresh_staging_dir, publish_dir, read_manifest,
-                               sha256_files, trusted, write_json_atomic)
+from edgellm.artifacts import (
+    atomic_path,
+    fresh_staging_dir,
+    publish_dir,
+    read_manifest,
+    sha256_files,
+    trusted,
+    write_json_atomic,
+)
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "model.gguf"
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
 
 

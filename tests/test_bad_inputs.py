@@ -2,7 +2,6 @@
 no traceback, nothing written to the output folder."""
 
 import pytest
-
 from conftest import run_cli
 
 GOOD_VARIANT = '[[variant]]\nname = "f16"\nexport = { format = "gguf", weights = "f16" }\n'

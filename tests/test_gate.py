@@ -4,7 +4,6 @@ import json
 from xml.etree import ElementTree
 
 import pytest
-
 from conftest import run_cli
 
 

@@ -4,7 +4,6 @@ same ids as torch, and quantized types come from llama.cpp's own quantizer."""
 import numpy as np
 import pytest
 import torch
-
 from edgellm.export.gguf import export_gguf, write_float_gguf
 from edgellm.export.gguf_arch import llama_rope_permute
 from edgellm.runtimes import open_runtime
@@ -38,7 +37,7 @@ def test_gguf_metadata_carries_tokenizer_and_hparams(tiny_llama, tmp_path):
     assert fields["llama.rope.freq_base"].contents() == pytest.approx(10000.0)
 
 
-@pytest.mark.parametrize("weights, rel", [("f32", 1e-4), ("f16", 2e-3)])
+@pytest.mark.parametrize("weights, rel", [("f32", 1e-4), ("f16", 2e-3), ("bf16", 2e-2)])
 def test_llamacpp_scores_the_same_ids_as_torch(tiny_llama, tmp_path, weights, rel):
     path = export_gguf(tiny_llama, tmp_path / f"tiny-{weights}.gguf", weights, tmp_path)
     window = (np.arange(64, dtype=np.int32) * 7) % 250
