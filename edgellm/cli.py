@@ -46,7 +46,7 @@ def run(recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
 
 @app.command("eval")
 def eval_command(
-    artifact: Annotated[str, typer.Argument(help=".gguf file or HF folder.")],
+    artifact: Annotated[str, typer.Argument(help=".gguf file, ONNX/ORT model or folder, or HF folder.")],
     text: Annotated[str, typer.Option(help="Text file or built-in name.")] = "wikitext-2-raw-test",
     ctx: Annotated[int, typer.Option(min=16, help="Window length in tokens.")] = 512,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Cut the text here.")] = 16384,
@@ -70,13 +70,14 @@ def eval_command(
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="Built-in name, HF folder, .gguf file or hub id.")],
-    to: Annotated[str, typer.Option(help="Target format.")] = "gguf",
-    weights: Annotated[str, typer.Option(help="f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, "
-                                              "q4_0, q3_k_m, q2_k, ...")] = "f16",
+    to: Annotated[str, typer.Option(help="gguf, onnx or ort (ONNX Runtime Mobile).")] = "gguf",
+    weights: Annotated[str, typer.Option(help="gguf: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, "
+                                              "q4_0, q3_k_m, q2_k, ...; onnx/ort: f32, int8, "
+                                              "int4")] = "f16",
     out: OutOption = Path("edgellm-export"),
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the folder.")] = False,
 ):
-    """Export MODEL to a deployable file (GGUF) and print its path."""
+    """Export MODEL to a deployable GGUF file or ONNX/ORT folder and print its path."""
     from edgellm.standalone import export_model
 
     path = export_model(model, to, weights, out, console, trust_remote_code)

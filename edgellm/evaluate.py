@@ -132,7 +132,9 @@ def _run_phase(spec: MeasureSpec, phase: str, work: Path) -> dict:
     if proc.returncode in (130, -2):
         raise KeyboardInterrupt
     if proc.returncode != 0 or not result_path.is_file():
-        lines = (proc.stderr or "").strip().splitlines() or ["no message"]
+        fallback = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
+                    else f"exit code {proc.returncode}, no message")
+        lines = (proc.stderr or "").strip().splitlines() or [fallback]
         raise MeasureError(f"{phase} of {spec.artifact} failed in the {spec.fmt} runtime: "
                            f"{lines[-1]}", proc.stderr)
     result = json.loads(result_path.read_text())

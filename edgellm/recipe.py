@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edgellm.errors import UserError
 
 REFERENCE = "reference"
-FORMATS = ("torch", "gguf")
+FORMATS = ("torch", "gguf", "onnx", "ort")
+ONNX_ONLY = ("block_size", "accuracy_level", "symmetric", "lm_head_bits")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
@@ -50,8 +51,14 @@ class CompressStep(BaseModel):
 
 
 class ExportSpec(Strict):
-    format: Literal["torch", "gguf"]
+    format: Literal["torch", "gguf", "onnx", "ort"]
     weights: str = "f16"
+    # ONNX MatMulNBits options (int4/int8 weight-only): block size, symmetric or with zero
+    # points, MatMulNBits accuracy_level (4: int8 activations on CPU), tied lm_head bits.
+    block_size: Literal[16, 32, 64, 128, 256] = 32
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    symmetric: bool = True
+    lm_head_bits: Literal[4, 8] = 8
 
     @model_validator(mode="after")
     def _known_weights(self):
@@ -63,6 +70,9 @@ class ExportSpec(Strict):
                 f"weights '{self.weights}' not available for {self.format}: "
                 f"use one of {', '.join(allowed)}"
             )
+        misplaced = [k for k in ONNX_ONLY if k in self.model_fields_set]
+        if misplaced and self.format not in ("onnx", "ort"):
+            raise ValueError(f"{', '.join(misplaced)} only apply to onnx/ort exports")
         return self
 
 

@@ -35,11 +35,14 @@ class VariantResult:
     manifest: dict = field(default_factory=dict)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".data", ".ort")
+
+
 def artifact_size(path: Path) -> int:
-    """Bytes a user ships: the file, or a folder's weight files."""
+    """Bytes a user ships: the file, or a folder's model files (not tokenizer or configs)."""
     if path.is_file():
         return path.stat().st_size
-    return dir_size(path, (".safetensors",))
+    return dir_size(path, WEIGHT_SUFFIXES)
 
 
 def count_parameters(model_dir: Path) -> int:

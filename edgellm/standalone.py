@@ -18,13 +18,11 @@ from edgellm.report import artifact_size
 def eval_artifact(artifact: str, text: str, ctx: int, max_tokens: int | None,
                   decode_tokens: int, threads: int | None, console: Console) -> dict:
     """Perplexity and latency of one artifact (.gguf file or HF folder) in its runtime."""
-    source = resolve_source(artifact)
-    fmt = "gguf" if source.kind == "gguf" else "torch"
-    path = Path(source.path) / source.gguf_file if fmt == "gguf" else Path(source.path)
+    fmt, path, tokenizer_source = _artifact_kind(artifact)
     text_path = resolve_text(text)
     body, text_sha = read_text(text_path)
     with console.status("tokenizing"):
-        ids = tokenize(load_tokenizer(source), body, max_tokens)
+        ids = tokenize(load_tokenizer(tokenizer_source), body, max_tokens)
     token_windows(ids, ctx, source=str(text_path))
     threads = threads or default_threads()
     with tempfile.TemporaryDirectory(prefix="edgellm-eval-") as tmp:
@@ -40,14 +38,37 @@ def eval_artifact(artifact: str, text: str, ctx: int, max_tokens: int | None,
             "ctx": ctx, **measured}
 
 
+def _artifact_kind(artifact: str) -> tuple[str, Path, ModelSource]:
+    """(format, path the runtime opens, where the tokenizer comes from) of an artifact."""
+    path = Path(artifact).expanduser()
+    onnx_file = path.suffix in (".onnx", ".ort") and path.is_file()
+    onnx_dir = path.is_dir() and ((path / "model.onnx").is_file() or (path / "model.ort").is_file())
+    if onnx_file or onnx_dir:
+        folder = path.parent if onnx_file else path
+        fmt = "ort" if (path.suffix == ".ort" or (folder / "model.ort").is_file()) else "onnx"
+        if not (folder / "tokenizer.json").is_file():
+            raise UserError(f"ONNX model {path} has no tokenizer.json beside it: export it "
+                            "with `edgellm export --to onnx`, which writes one")
+        return fmt, path, ModelSource("hf", str(folder), label=str(folder))
+    source = resolve_source(artifact)
+    if source.kind == "gguf":
+        return "gguf", Path(source.path) / source.gguf_file, source
+    return "torch", Path(source.path), source
+
+
 def export_model(model: str, to: str, weights: str, out: Path, console: Console,
                  trust_remote_code: bool = False) -> Path:
-    """Export a model to `out/<name>-<weights>.gguf` (the only export target so far)."""
-    from edgellm.export import weights_for
-    from edgellm.export.gguf import export_gguf
+    """Export a model to `out/<name>-<weights>.gguf`, or the folder `out/<name>-<weights>-onnx/`
+    (`-ort/`) holding the ONNX (ORT-format) model, its genai_config.json and tokenizer."""
+    import shutil
 
-    if to != "gguf":
-        raise UserError(f"export target '{to}' is not supported: use --to gguf")
+    from edgellm.artifacts import fresh_staging_dir
+    from edgellm.export import weights_for
+    from edgellm.export.build import export_artifact
+    from edgellm.recipe import ExportSpec
+
+    if to not in ("gguf", "onnx", "ort"):
+        raise UserError(f"export target '{to}' is not supported: use --to gguf, onnx or ort")
     if weights not in weights_for(to):
         raise UserError(f"weights '{weights}' not available for {to}: use one of "
                         f"{', '.join(weights_for(to))}")
@@ -55,9 +76,27 @@ def export_model(model: str, to: str, weights: str, out: Path, console: Console,
     _prepare(out)
     folder = _hf_folder(source, out, console, trust_remote_code)
     stem = Path(source.gguf_file).stem if source.gguf_file else Path(source.path).name
-    target = out / f"{stem}-{weights}.gguf"
-    with console.status(f"exporting {to} {weights}"):
-        export_gguf(folder, target, weights, folder)
+    work = out / "_work"
+    work.mkdir(exist_ok=True)
+    spec = ExportSpec(format=to, weights=weights)
+    if to == "gguf":
+        from edgellm.export.gguf import export_gguf
+
+        target = out / f"{stem}-{weights}.gguf"
+        with console.status(f"exporting {to} {weights}"):
+            return export_gguf(folder, target, weights, work)
+    target = out / f"{stem}-{weights}-{to}"
+    staging = fresh_staging_dir(target)
+    try:
+        with console.status(f"exporting {to} {weights}"):
+            export_artifact(folder, staging, spec, stem, work)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    (staging / to).rename(target)
+    shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -1,6 +1,6 @@
-"""Export stage: turn an HF folder into a deployable artifact (GGUF now; ONNX and MLX plug in here).
+"""Export stage: turn an HF folder into a deployable artifact (GGUF, ONNX, ORT format).
 
-`EXPORTERS` maps a recipe's `export.format` to the weight types it can write.
+`weights_for` says which weight types each recipe `export.format` can write.
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ def weights_for(fmt: str) -> tuple[str, ...]:
         from edgellm.export.gguf import GGUF_WEIGHTS
 
         return GGUF_WEIGHTS
+    if fmt in ("onnx", "ort"):
+        from edgellm.export.onnx import ONNX_WEIGHTS
+
+        return ONNX_WEIGHTS
     if fmt == "torch":
         return TORCH_WEIGHTS
     return ()

@@ -14,6 +14,8 @@ def artifact_path(folder: Path, export) -> Path:
         return folder
     if export.format == "gguf":
         return folder / "model.gguf"
+    if export.format in ("onnx", "ort"):
+        return folder / export.format  # a folder: model + genai_config.json + tokenizer
     raise UserError(f"export format '{export.format}' is not supported")
 
 
@@ -29,4 +31,14 @@ def export_artifact(model_dir: Path, staging: Path, export, name: str, work: Pat
         from edgellm.export.gguf import export_gguf
 
         return export_gguf(model_dir, target, export.weights, work)
+    if export.format in ("onnx", "ort"):
+        from edgellm.export.onnx import convert_to_ort, export_onnx
+
+        if export.format == "onnx":
+            return export_onnx(model_dir, target, export, work)
+        onnx_dir = export_onnx(model_dir, work / f"onnx-{name}", export, work)
+        try:
+            return convert_to_ort(onnx_dir, target, work)
+        finally:
+            shutil.rmtree(onnx_dir, ignore_errors=True)
     raise UserError(f"export format '{export.format}' is not supported")

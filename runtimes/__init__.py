@@ -18,6 +18,8 @@ import numpy as np
 RUNTIMES = {
     "torch": ("edgellm.runtimes.pytorch", "TorchRuntime"),
     "gguf": ("edgellm.runtimes.llamacpp", "LlamaCppRuntime"),
+    "onnx": ("edgellm.runtimes.ort", "OrtRuntime"),
+    "ort": ("edgellm.runtimes.ort", "OrtRuntime"),
 }
 
 

@@ -22,11 +22,13 @@ def demo(tmp_path_factory):
 
 def test_demo_measures_every_variant_on_16k_tokens(demo):
     _, rows, report, _ = demo
-    assert list(rows) == ["reference", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-q4_0"]
+    assert list(rows) == ["reference", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-q4_0",
+                          "onnx-f32", "onnx-int4"]
     assert report["eval"]["tokens"] == 16384 and report["eval"]["windows"] == 32
     assert report["eval"]["sha256"].startswith("bbf94c53")
     assert rows["reference"]["runtime"] == "torch"
-    assert all(rows[n]["runtime"] == "llama.cpp" for n in rows if n != "reference")
+    assert all(rows[n]["runtime"] == "llama.cpp" for n in rows if n.startswith("gguf"))
+    assert all(rows[n]["runtime"] == "onnxruntime" for n in rows if n.startswith("onnx"))
 
 
 def test_f16_gguf_matches_torch_within_half_a_percent(demo):
@@ -55,6 +57,20 @@ def test_f16_greedy_continuation_matches_torch(demo):
     assert rows["gguf-f16"]["greedy_tokens"] == torch_tokens
 
 
+def test_f32_onnx_matches_torch_and_generates_the_same_tokens(demo):
+    _, rows, _, _ = demo
+    assert abs(rows["onnx-f32"]["ppl_delta_pct"]) < 0.05
+    assert rows["onnx-f32"]["greedy_tokens"] == rows["reference"]["greedy_tokens"]
+
+
+def test_int4_onnx_meets_its_round_to_nearest_targets(demo):
+    _, rows, _, _ = demo
+    int4 = rows["onnx-int4"]
+    assert int4["size_bytes"] <= 100e6 * 1.5  # ONNX keeps the tied embedding twice (Gather + MatMul)
+    assert 0 < int4["ppl_delta_pct"] <= 28
+    assert int4["size_bytes"] < rows["onnx-f32"]["size_bytes"] / 3
+
+
 def test_exported_gguf_carries_what_apps_need(demo):
     out, rows, _, _ = demo
     fields = gguf.GGUFReader(out / rows["gguf-q4_0"]["path"]).fields
@@ -70,8 +86,8 @@ def test_rerun_rebuilds_nothing(demo):
     again = run_cli("demo", "--out", out, timeout=900)
     assert again.returncode == 0, again.stderr
     after = {p.parent.name: p.read_text() for p in out.glob("*/manifest.json")}
-    assert after == before and len(after) == 5
-    assert again.stdout.count("up to date") == 5 and ": built" not in again.stdout
+    assert after == before and len(after) == 7
+    assert again.stdout.count("up to date") == 7 and ": built" not in again.stdout
 
 
 def test_gate_on_the_real_report(demo):

@@ -1,0 +1,88 @@
+"""HF folder → ONNX decoder with KV cache, written by the onnxruntime-genai model builder.
+
+Why the builder (see README): it emits the graph ONNX Runtime runs fastest on CPU and
+mobile (GroupQueryAttention with a KV cache, MatMulNBits for 4/8-bit weights) plus the
+genai_config.json that onnxruntime-genai loads on Android/iOS; its fp32 export scores
+the same ids as torch to within 1e-5 relative here. It runs as a child process so its
+torch/ONNX memory and its console output stay out of ours (the log is kept beside the
+intermediates).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from edgellm.errors import UserError
+
+# recipe weights → builder precision. fp16 is left out for now: the builder's fp16 graph
+# for the CPU provider fails in onnxruntime 1.31 CPU with a buffer shape mismatch in its
+# repeat_kv Cast (seen on a tiny llama); fp16 belongs with GPU providers.
+PRECISIONS = {"f32": "fp32", "int8": "int8", "int4": "int4"}
+ONNX_WEIGHTS = tuple(PRECISIONS)
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM")
+
+
+def builder_options(export) -> list[str]:
+    """--extra_options for the builder: block size, symmetry, accuracy level, and the tied
+    embedding/lm_head kept at 8 bits for 4-bit exports (4-bit there costs most quality)."""
+    if export.weights not in ("int4", "int8"):
+        return []
+    # algo_config=rtn: round-to-nearest, and the path where mixed precision for a tied
+    # lm_head works (with the default algo the int8 lm_head node lost its weight input)
+    options = ["algo_config=rtn", f"block_size={export.block_size}",
+               f"accuracy_level={export.accuracy_level}",
+               f"is_symmetric={'true' if export.symmetric else 'false'}"]
+    if export.weights == "int4" and export.lm_head_bits == 8:
+        options.append("matmul_mixed_precision=last_matmul:int8")
+    return options
+
+
+def check_architecture(model_dir: Path) -> None:
+    import json
+
+    names = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    if not any(name in SUPPORTED_ARCHITECTURES for name in names):
+        raise UserError(f"architecture {names} has no ONNX exporter: supported are "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def export_onnx(model_dir: Path, target: Path, export, work: Path) -> Path:
+    """Write the ONNX folder `target` (model.onnx, model.onnx.data, genai_config.json,
+    tokenizer files). `target` lies inside a staging folder, so a failure leaves nothing."""
+    check_architecture(model_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    log = work / f"onnx-builder-{export.weights}.log"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir),
+           "-o", str(target), "-p", PRECISIONS[export.weights], "-e", "cpu",
+           "-c", str(work / "onnx-builder-cache")]
+    options = builder_options(export)
+    if options:
+        cmd += ["--extra_options", *options]
+    with open(log, "w") as handle:
+        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        last = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"ONNX export of {model_dir} failed ({last[0][:200]}): see {log}")
+    shutil.rmtree(work / "onnx-builder-cache", ignore_errors=True)
+    return target
+
+
+def convert_to_ort(onnx_dir: Path, target: Path, work: Path) -> Path:
+    """ORT format for ONNX Runtime Mobile, by onnxruntime's own converter."""
+    target.mkdir(parents=True, exist_ok=True)
+    log = work / "ort-convert.log"
+    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort",
+           str(onnx_dir / "model.onnx"), "--output_dir", str(target),
+           "--optimization_style", "Fixed"]
+    with open(log, "w") as handle:
+        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not (target / "model.ort").is_file():
+        raise UserError(f"ORT-format conversion of {onnx_dir} failed: see {log}")
+    for extra in onnx_dir.iterdir():  # tokenizer and genai config travel with the model
+        if extra.suffix in (".json", ".jinja"):
+            shutil.copy2(extra, target / extra.name)
+    return target
