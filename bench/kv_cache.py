@@ -13,7 +13,6 @@ import argparse
 import time
 
 import numpy as np
-
 from edgellm.runtimes import argmax
 from edgellm.runtimes.ort import OrtRuntime
 

@@ -133,8 +133,8 @@ def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: 
     """Compress (when asked) and export one variant into OUT/<name>/ unless already there."""
     from edgellm.export.build import export_artifact
 
-    # defaults left out: a new option with a default does not invalidate existing builds
-    spec = variant.model_dump(exclude={"name"}, exclude_defaults=True)
+    # defaults included: a changed default must rebuild what it would change
+    spec = variant.model_dump(exclude={"name"})
     key = sha256_json({"reference": reference_key, "spec": spec, "edgellm": __version__})
     folder = out / variant.name
     if trusted(folder, key):

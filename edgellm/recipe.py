@@ -55,9 +55,11 @@ class ExportSpec(Strict):
     weights: str = "f16"
     # ONNX MatMulNBits options (int4/int8 weight-only): block size, symmetric or with zero
     # points, MatMulNBits accuracy_level (4: int8 activations on CPU), tied lm_head bits.
+    # Zero points by default: on SmolLM2 int4 they cut the perplexity increase from +36.3%
+    # to +27.6% for 2.5 MB more (README, ONNX numbers).
     block_size: Literal[16, 32, 64, 128, 256] = 32
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
-    symmetric: bool = True
+    symmetric: bool = False
     lm_head_bits: Literal[4, 8] = 8
 
     @model_validator(mode="after")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
 from edgellm.runtimes import Generation, argmax, nll_of_targets
 
 DEFAULT_PROVIDER = "CPUExecutionProvider"
@@ -47,7 +46,7 @@ class OrtRuntime:
                  "attention_mask": np.ones((1, total), dtype=np.int64), **cache}
         if self.wants_positions:  # graphs without GroupQueryAttention take explicit positions
             feeds["position_ids"] = np.arange(total - len(ids), total, dtype=np.int64)[None]
-        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
         new_cache = {name.replace("present", "past_key_values"): value
                      for name, value in outputs.items() if name.startswith("present")}
         return outputs["logits"][0], new_cache

@@ -6,11 +6,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
 from edgellm.export.onnx import builder_options, convert_to_ort, export_onnx
-from edgellm.recipe import ExportSpec
 from edgellm.runtimes import open_runtime
+
+from edgellm.recipe import ExportSpec
 
 WINDOW = (np.arange(64, dtype=np.int32) * 7) % 250
 
@@ -65,9 +65,10 @@ def test_int4_is_smaller_and_ort_format_scores_like_its_onnx(onnx_models):
 
 
 def test_int4_options_reach_the_builder():
-    spec = ExportSpec(format="onnx", weights="int4", block_size=64, symmetric=False)
+    spec = ExportSpec(format="onnx", weights="int4", block_size=64, symmetric=True)
     options = builder_options(spec)
-    assert "block_size=64" in options and "is_symmetric=false" in options
+    assert "block_size=64" in options and "is_symmetric=true" in options
+    assert "is_symmetric=false" in builder_options(ExportSpec(format="onnx", weights="int4"))
     assert "matmul_mixed_precision=last_matmul:int8" in options  # tied lm_head at 8 bits
     assert builder_options(ExportSpec(format="onnx", weights="f32")) == []
 
