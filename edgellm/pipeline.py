@@ -68,7 +68,7 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
                                out / REFERENCE, reference_key, recipe, eval_input, threads,
                                console, remeasure)]
     for variant in recipe.variant:
-        key = build_variant(variant, out, reference_key, console)
+        key = build_variant(variant, out, reference_key, console, recipe.calibration)
         results.append(measure_variant(variant.name, variant.export,
                                        [s.method for s in variant.compress], out / variant.name,
                                        key, recipe, eval_input, threads, console, remeasure))
@@ -129,13 +129,17 @@ def save_eval_ids(out: Path, ids: np.ndarray, text_path: Path, text_sha: str) ->
     return EvalInput(text_path, text_sha, ids_path, len(ids))
 
 
-def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: Console) -> str:
+def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: Console,
+                  calibration=None) -> str:
     """Compress (when asked) and export one variant into OUT/<name>/ unless already there."""
     from edgellm.export.build import export_artifact
 
     # defaults included: a changed default must rebuild what it would change
     spec = variant.model_dump(exclude={"name"})
-    key = sha256_json({"reference": reference_key, "spec": spec, "edgellm": __version__})
+    inputs = {"reference": reference_key, "spec": spec, "edgellm": __version__}
+    if variant.export.imatrix:  # calibration text only matters to variants that read it
+        inputs["calibration"] = calibration.model_dump()
+    key = sha256_json(inputs)
     folder = out / variant.name
     if trusted(folder, key):
         console.print(f"[dim]{variant.name}: up to date in {folder}[/dim]")
@@ -148,7 +152,8 @@ def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: 
     try:
         with console.status(f"{variant.name}: exporting {variant.export.format} "
                             f"{variant.export.weights}"):
-            export_artifact(out / REFERENCE, staging, variant.export, variant.name, work)
+            export_artifact(out / REFERENCE, staging, variant.export, variant.name, work,
+                            calibration)
     except BaseException:  # Ctrl-C or a failure: leave no staging folder behind
         shutil.rmtree(staging, ignore_errors=True)
         raise

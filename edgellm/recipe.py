@@ -61,6 +61,8 @@ class ExportSpec(Strict):
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
     symmetric: bool = False
     lm_head_bits: Literal[4, 8] = 8
+    # GGUF: weigh rounding errors by an importance matrix computed on [calibration] text
+    imatrix: bool = False
 
     @model_validator(mode="after")
     def _known_weights(self):
@@ -75,6 +77,8 @@ class ExportSpec(Strict):
         misplaced = [k for k in ONNX_ONLY if k in self.model_fields_set]
         if misplaced and self.format not in ("onnx", "ort"):
             raise ValueError(f"{', '.join(misplaced)} only apply to onnx/ort exports")
+        if self.imatrix and (self.format != "gguf" or self.weights in ("f32", "f16", "bf16")):
+            raise ValueError("imatrix only applies to quantized gguf weights (q8_0, q4_k_m, ...)")
         return self
 
 

@@ -76,8 +76,9 @@ def export_model(model: str, to: str, weights: str, out: Path, console: Console,
     _prepare(out)
     folder = _hf_folder(source, out, console, trust_remote_code)
     stem = Path(source.gguf_file).stem if source.gguf_file else Path(source.path).name
-    work = out / "_work"
-    work.mkdir(exist_ok=True)
+    # intermediates (the f32 GGUF quantized types start from) are keyed by the source's content
+    work = out / "_work" / f"src-{sha256_files(source.files())[:12]}"
+    work.mkdir(parents=True, exist_ok=True)
     spec = ExportSpec(format=to, weights=weights)
     if to == "gguf":
         from edgellm.export.gguf import export_gguf

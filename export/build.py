@@ -19,8 +19,10 @@ def artifact_path(folder: Path, export) -> Path:
     raise UserError(f"export format '{export.format}' is not supported")
 
 
-def export_artifact(model_dir: Path, staging: Path, export, name: str, work: Path) -> Path:
-    """Export the HF folder `model_dir` into `staging` as `export` says."""
+def export_artifact(model_dir: Path, staging: Path, export, name: str, work: Path,
+                    calibration=None) -> Path:
+    """Export the HF folder `model_dir` into `staging` as `export` says; `calibration`
+    (the recipe's [calibration]) feeds the importance matrix when one is asked for."""
     target = artifact_path(staging, export)
     if export.format == "torch":
         for path in model_dir.iterdir():
@@ -30,7 +32,15 @@ def export_artifact(model_dir: Path, staging: Path, export, name: str, work: Pat
     if export.format == "gguf":
         from edgellm.export.gguf import export_gguf
 
-        return export_gguf(model_dir, target, export.weights, work)
+        imatrix = None
+        if export.imatrix:
+            from edgellm.artifacts import sha256_json
+            from edgellm.export.imatrix import compute_imatrix
+
+            key = sha256_json(calibration.model_dump())[:12]
+            imatrix = compute_imatrix(model_dir, calibration.text, calibration.samples,
+                                      calibration.seqlen, work / f"imatrix-{key}.npz")
+        return export_gguf(model_dir, target, export.weights, work, imatrix)
     if export.format in ("onnx", "ort"):
         from edgellm.export.onnx import convert_to_ort, export_onnx
 

@@ -42,15 +42,17 @@ QUANT_TYPES = {
 GGUF_WEIGHTS = tuple(FLOAT_TYPES) + tuple(QUANT_TYPES)
 
 
-def export_gguf(folder: Path, out_path: Path, weights: str, work_dir: Path) -> Path:
-    """Write `out_path` in the requested weight type; `work_dir` keeps the f32 intermediate."""
+def export_gguf(folder: Path, out_path: Path, weights: str, work_dir: Path,
+                imatrix: dict | None = None) -> Path:
+    """Write `out_path` in the requested weight type; `work_dir` keeps the f32 intermediate.
+    `imatrix` ({tensor name: mean squared input per column}) guides quantized types."""
     if weights in FLOAT_TYPES:
         write_float_gguf(folder, out_path, weights)
     elif weights in QUANT_TYPES:
         source = work_dir / "model-f32.gguf"
         if not source.is_file():
             write_float_gguf(folder, source, "f32")
-        quantize_gguf(source, out_path, weights)
+        quantize_gguf(source, out_path, weights, imatrix=imatrix)
     else:
         raise UserError(f"GGUF weights '{weights}' unknown: use one of {', '.join(GGUF_WEIGHTS)}")
     return out_path
@@ -101,7 +103,8 @@ def _add_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray, tensor_typ
         writer.add_tensor(name, packed, raw_dtype=tensor_type)  # shape read from the bytes
 
 
-def quantize_gguf(source: Path, out_path: Path, weights: str, threads: int = 0) -> None:
+def quantize_gguf(source: Path, out_path: Path, weights: str, threads: int = 0,
+                  imatrix: dict | None = None) -> None:
     """Quantize with llama.cpp's quantizer, exactly as `llama-quantize` would."""
     import ctypes
 
@@ -110,7 +113,13 @@ def quantize_gguf(source: Path, out_path: Path, weights: str, threads: int = 0) 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[weights])
     params.nthread = threads
-    log = source.parent / f"quantize-{weights}.log"
+    if imatrix:
+        from edgellm.export.imatrix import imatrix_param
+
+        array, _buffers = imatrix_param(imatrix)  # _buffers keeps the data alive until return
+        params.imatrix = ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    suffix = "-imatrix" if imatrix else ""
+    log = source.parent / f"quantize-{weights}{suffix}.log"
     with atomic_path(out_path) as tmp, native_stderr_to(log):
         status = llama_cpp.llama_model_quantize(
             str(source).encode(), str(tmp).encode(), ctypes.byref(params)
@@ -121,13 +130,17 @@ def quantize_gguf(source: Path, out_path: Path, weights: str, threads: int = 0) 
 
 @contextmanager
 def native_stderr_to(log: Path):
-    """Send what C code writes to stderr (llama.cpp's per-tensor quantize log) to a file."""
+    """Send llama.cpp's per-tensor quantize log to a file: it reaches both the C stderr and,
+    through llama-cpp-python's log callback, Python's sys.stderr."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved_fd, saved_stream = os.dup(2), sys.stderr
     with open(log, "w") as handle:
         os.dup2(handle.fileno(), 2)
+        sys.stderr = handle
         try:
             yield
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            handle.flush()
+            sys.stderr = saved_stream
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)

@@ -1,0 +1,47 @@
+"""Importance-matrix quantization: statistics collected in torch reach llama.cpp's quantizer."""
+
+import gguf
+import numpy as np
+import pytest
+
+from edgellm.export.gguf import export_gguf
+from edgellm.export.imatrix import compute_imatrix
+from edgellm.recipe import parse_recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_imatrix(tiny_llama, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("imatrix") / "imatrix.npz"
+    return compute_imatrix(tiny_llama, "wikitext-2-valid", samples=4, seqlen=64, cache=cache), cache
+
+
+def test_one_entry_per_linear_layer_named_as_in_gguf(tiny_imatrix):
+    matrix, cache = tiny_imatrix
+    assert set(matrix) == {f"blk.{b}.{t}.weight" for b in range(2) for t in
+                           ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                            "ffn_down")}
+    assert matrix["blk.0.attn_q.weight"].shape == (64,)
+    assert matrix["blk.1.ffn_down.weight"].shape == (128,)
+    assert all(np.all(v > 0) for v in matrix.values())
+    assert cache.is_file()
+
+
+def test_quantizer_uses_it_and_the_weights_change(tiny_llama, tiny_imatrix, tmp_path):
+    matrix, _ = tiny_imatrix
+    plain = export_gguf(tiny_llama, tmp_path / "plain.gguf", "q4_0", tmp_path)
+    guided = export_gguf(tiny_llama, tmp_path / "guided.gguf", "q4_0", tmp_path, imatrix=matrix)
+    log = (tmp_path / "quantize-q4_0-imatrix.log").read_text()
+    assert f"importance matrix data with {len(matrix)} entries" in log
+    tensors = {t.name: t.data for t in gguf.GGUFReader(plain).tensors}
+    changed = [t.name for t in gguf.GGUFReader(guided).tensors
+               if t.name.startswith("blk.") and not np.array_equal(t.data, tensors[t.name])]
+    assert changed  # same file type, different rounding
+
+
+def test_imatrix_is_refused_where_it_means_nothing():
+    from edgellm.errors import UserError
+
+    for export in ({"format": "gguf", "weights": "f16", "imatrix": True},
+                   {"format": "onnx", "weights": "int4", "imatrix": True}):
+        with pytest.raises(UserError, match="imatrix only applies"):
+            parse_recipe({"variant": [{"name": "a", "export": export}]})
