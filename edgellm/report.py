@@ -114,7 +114,17 @@ def _variant_row(result: VariantResult, out: Path, params: int, ref_ppl: float,
         "omp_wait_policy": m["omp_wait_policy"],
         "greedy_tokens": m["greedy_tokens"],
         "steps": result.steps,
+        "export": _export_options(result.export),
     }
+
+
+def _export_options(export) -> dict:
+    """The options the artifact was written with (MatMulNBits block size, accuracy_level...)."""
+    options = export.model_dump() if hasattr(export, "model_dump") else dict(export)
+    if options.get("format") not in ("onnx", "ort"):
+        for key in ("block_size", "accuracy_level", "symmetric", "lm_head_bits"):
+            options.pop(key, None)
+    return options
 
 
 def markdown_table(variants: list[dict]) -> str:

@@ -34,8 +34,9 @@ def export_artifact(model_dir: Path, staging: Path, export, name: str, work: Pat
 
         imatrix = None
         if export.imatrix:
-            from edgellm.artifacts import sha256_json
             from edgellm.export.imatrix import compute_imatrix
+
+            from edgellm.artifacts import sha256_json
 
             key = sha256_json(calibration.model_dump())[:12]
             imatrix = compute_imatrix(model_dir, calibration.text, calibration.samples,

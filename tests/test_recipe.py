@@ -14,7 +14,8 @@ def write(tmp_path, text):
 
 def test_builtin_demo_recipe_is_valid():
     recipe = load_recipe(builtin_recipe_path("demo"))
-    assert [v.export.weights for v in recipe.variant] == ["f16", "q8_0", "q4_k_m", "q4_0", "f32", "int4"]
+    weights = [v.export.weights for v in recipe.variant]
+    assert weights == ["f16", "q8_0", "q4_k_m", "q4_0", "q4_0", "f32", "int4"]
     assert [v.export.format for v in recipe.variant][-2:] == ["onnx", "onnx"]
     assert recipe.eval.ctx == 512 and recipe.eval.max_tokens == 16384
 

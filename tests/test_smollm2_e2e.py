@@ -23,7 +23,7 @@ def demo(tmp_path_factory):
 def test_demo_measures_every_variant_on_16k_tokens(demo):
     _, rows, report, _ = demo
     assert list(rows) == ["reference", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-q4_0",
-                          "onnx-f32", "onnx-int4"]
+                          "gguf-q4_0-imatrix", "onnx-f32", "onnx-int4"]
     assert report["eval"]["tokens"] == 16384 and report["eval"]["windows"] == 32
     assert report["eval"]["sha256"].startswith("bbf94c53")
     assert rows["reference"]["runtime"] == "torch"
@@ -48,6 +48,14 @@ def test_4bit_types_are_smaller_and_worse_than_q8_0(demo):
         assert rows[name]["ppl"] > q8["ppl"]
         assert rows[name]["size_bytes"] < q8["size_bytes"]
     assert q8["size_bytes"] < rows["gguf-f16"]["size_bytes"] < rows["reference"]["size_bytes"]
+
+
+def test_importance_matrix_makes_q4_0_clearly_better(demo):
+    _, rows, _, _ = demo
+    plain, guided = rows["gguf-q4_0"], rows["gguf-q4_0-imatrix"]
+    assert guided["ppl_delta_pct"] < plain["ppl_delta_pct"] - 5  # measured +26.0% → +10.5%
+    assert guided["export"]["imatrix"] is True
+    assert abs(guided["size_bytes"] - plain["size_bytes"]) < 0.01 * plain["size_bytes"]
 
 
 def test_f16_greedy_continuation_matches_torch(demo):
@@ -86,15 +94,15 @@ def test_rerun_rebuilds_nothing(demo):
     again = run_cli("demo", "--out", out, timeout=900)
     assert again.returncode == 0, again.stderr
     after = {p.parent.name: p.read_text() for p in out.glob("*/manifest.json")}
-    assert after == before and len(after) == 7
-    assert again.stdout.count("up to date") == 7 and ": built" not in again.stdout
+    assert after == before and len(after) == 8
+    assert again.stdout.count("up to date") == 8 and ": built" not in again.stdout
 
 
 def test_gate_on_the_real_report(demo):
     out, _, _, _ = demo
     report = out / "report.json"
     assert run_cli("gate", report, "--max-size-mb", 300, "--max-ppl-increase-pct", 50).returncode == 0
-    over = run_cli("gate", report, "--max-size-mb", 100)  # only q4_0 (92 MB) fits
+    over = run_cli("gate", report, "--max-size-mb", 100)  # only the q4_0 files (92 MB) fit
     assert over.returncode == 1
     breached = {line.split(":")[0] for line in over.stderr.strip().splitlines()}
-    assert breached == {"gguf-f16", "gguf-q8_0", "gguf-q4_k_m"}
+    assert breached == {"gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "onnx-f32", "onnx-int4"}
