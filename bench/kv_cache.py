@@ -21,7 +21,7 @@ def recompute_tps(runtime: OrtRuntime, prompt: np.ndarray, tokens: int) -> float
     ids = list(prompt)
     start = time.perf_counter()
     for _ in range(tokens):
-        logits, _ = runtime._forward(np.array(ids), runtime._empty_cache(), len(ids))
+        logits, _ = runtime.forward(np.array(ids), runtime.empty_cache(), len(ids))
         ids.append(argmax(logits[-1]))
     return tokens / (time.perf_counter() - start)
 

@@ -32,6 +32,7 @@ class MeasureSpec:
     threads: int = 2
     greedy_prompt_tokens: int = 32  # prompt length for the greedy-agreement tokens
     greedy_tokens: int = 16
+    provider: str = "CPUExecutionProvider"  # ONNX Runtime execution provider
 
 
 def default_threads() -> int:
@@ -71,7 +72,7 @@ def measure(spec: MeasureSpec, phase: str, progress=None) -> dict:
 
     ids = np.load(spec.ids_path)
     windows = token_windows(ids, spec.ctx)
-    runtime = open_runtime(spec.fmt, spec.artifact, spec.threads, spec.ctx)
+    runtime = open_runtime(spec.fmt, spec.artifact, spec.threads, spec.ctx, spec.provider)
     try:
         if phase == "score":
             result = _score(runtime, windows, progress)

@@ -55,6 +55,8 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     text_path = resolve_text(recipe.eval.text)
     text, text_sha = read_text(text_path)
     _check_text_length(text, recipe.eval.ctx, text_path)
+    if any(v.export.imatrix for v in recipe.variant):  # fail now, not after the first builds
+        read_text(resolve_text(recipe.calibration.text))
     check_out_dir(out)
     with console.status("reading tokenizer"):
         tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
@@ -172,10 +174,12 @@ def measure_variant(name: str, export: ExportSpec, steps: list[str], folder: Pat
     artifact = artifact_path(folder, export)
     spec = MeasureSpec(fmt=export.format, artifact=str(artifact),
                        ids_path=str(eval_input.ids_path), ctx=recipe.eval.ctx,
-                       decode_tokens=recipe.eval.decode_tokens, threads=threads)
+                       decode_tokens=recipe.eval.decode_tokens, threads=threads,
+                       provider=recipe.eval.onnx_provider)
     measure_key = sha256_json({"artifact": key, "ids": eval_input.ids_path.name,
                                "ctx": spec.ctx, "decode": spec.decode_tokens,
-                               "threads": threads, "edgellm": __version__})
+                               "threads": threads, "provider": spec.provider,
+                               "edgellm": __version__})
     cached = read_json(folder / "measurement.json")
     if cached and cached.get("key") == measure_key and not remeasure:
         console.print(f"[dim]{name}: measurement reused[/dim]")

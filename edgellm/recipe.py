@@ -35,6 +35,9 @@ class EvalSpec(Strict):
     ctx: int = Field(512, ge=16, le=32768)
     decode_tokens: int = Field(64, ge=2, le=4096)
     threads: int | None = Field(None, ge=1, le=1024)
+    # ONNX Runtime execution provider for onnx/ort variants (CoreML, CUDA where present)
+    onnx_provider: Literal["CPUExecutionProvider", "CUDAExecutionProvider",
+                           "CoreMLExecutionProvider"] = "CPUExecutionProvider"
 
 
 class CalibrationSpec(Strict):

@@ -39,9 +39,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".data", ".ort")
 
 
 def artifact_size(path: Path) -> int:
-    """Bytes a user ships: the file, or a folder's model files (not tokenizer or configs)."""
+    """Bytes a user ships: the file (with ONNX external data), or a folder's model files
+    (not tokenizer or configs)."""
     if path.is_file():
-        return path.stat().st_size
+        external = path.with_name(path.name + ".data")  # ONNX weights stored beside the graph
+        return path.stat().st_size + (external.stat().st_size if external.is_file() else 0)
     return dir_size(path, WEIGHT_SUFFIXES)
 
 

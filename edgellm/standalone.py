@@ -17,7 +17,8 @@ from edgellm.report import artifact_size
 
 def eval_artifact(artifact: str, text: str, ctx: int, max_tokens: int | None,
                   decode_tokens: int, threads: int | None, console: Console) -> dict:
-    """Perplexity and latency of one artifact (.gguf file or HF folder) in its runtime."""
+    """Perplexity and latency of one artifact (.gguf, ONNX/ORT model or folder, HF folder)
+    in its runtime."""
     fmt, path, tokenizer_source = _artifact_kind(artifact)
     text_path = resolve_text(text)
     body, text_sha = read_text(text_path)

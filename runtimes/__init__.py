@@ -47,11 +47,16 @@ class Runtime(Protocol):
         """Free the model."""
 
 
-def open_runtime(fmt: str, path: str, threads: int, ctx: int) -> Runtime:
+def open_runtime(fmt: str, path: str, threads: int, ctx: int,
+                 provider: str | None = None) -> Runtime:
+    """Open `path` in the runtime of its format; `provider` picks ONNX Runtime's execution
+    provider (other runtimes ignore it)."""
     if fmt not in RUNTIMES:
         raise ValueError(f"no runtime for format '{fmt}' (known: {', '.join(RUNTIMES)})")
     module_name, class_name = RUNTIMES[fmt]
     runtime_class = getattr(importlib.import_module(module_name), class_name)
+    if provider and fmt in ("onnx", "ort"):
+        return runtime_class(path, threads=threads, ctx=ctx, provider=provider)
     return runtime_class(path, threads=threads, ctx=ctx)
 
 

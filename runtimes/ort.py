@@ -25,7 +25,13 @@ class OrtRuntime:
     def __init__(self, path: str, threads: int, ctx: int, provider: str = DEFAULT_PROVIDER):
         model = Path(path)
         if model.is_dir():
-            model = next(iter(sorted(model.glob("model.ort")) or sorted(model.glob("*.onnx"))))
+            found = sorted(model.glob("model.ort")) or sorted(model.glob("*.onnx"))
+            if not found:
+                raise FileNotFoundError(f"{path} holds no model.ort or .onnx file")
+            model = found[0]
+        if provider not in ort.get_available_providers():
+            raise RuntimeError(f"execution provider {provider} is not in this onnxruntime "
+                               f"build (available: {', '.join(ort.get_available_providers())})")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -37,11 +43,12 @@ class OrtRuntime:
         self.head_dim = _head_dim(model.parent, self.past_inputs[0].shape[3])
         self.wants_positions = any(i.name == "position_ids" for i in self.session.get_inputs())
 
-    def _empty_cache(self) -> dict[str, np.ndarray]:
+    def empty_cache(self) -> dict[str, np.ndarray]:
         return {spec.name: np.zeros((1, spec.shape[1], 0, self.head_dim), dtype=self.past_dtype)
                 for spec in self.past_inputs}
 
-    def _forward(self, ids: np.ndarray, cache: dict, total: int):
+    def forward(self, ids: np.ndarray, cache: dict, total: int):
+        """Run `ids` after `cache` (total = cached + new tokens): (logits, new cache)."""
         feeds = {"input_ids": ids.astype(np.int64)[None],
                  "attention_mask": np.ones((1, total), dtype=np.int64), **cache}
         if self.wants_positions:  # graphs without GroupQueryAttention take explicit positions
@@ -52,19 +59,19 @@ class OrtRuntime:
         return outputs["logits"][0], new_cache
 
     def score(self, window: np.ndarray) -> tuple[float, int]:
-        logits, _ = self._forward(window, self._empty_cache(), len(window))
+        logits, _ = self.forward(window, self.empty_cache(), len(window))
         return nll_of_targets(logits[:-1].astype(np.float32), window[1:]), len(window) - 1
 
     def generate(self, prompt: np.ndarray, new_tokens: int) -> Generation:
         start = time.perf_counter()
-        logits, cache = self._forward(prompt, self._empty_cache(), len(prompt))
+        logits, cache = self.forward(prompt, self.empty_cache(), len(prompt))
         prefill_done = time.perf_counter()
         token = argmax(logits[-1])
         first = time.perf_counter()
         tokens, total = [token], len(prompt)
         for _ in range(new_tokens - 1):
             total += 1
-            logits, cache = self._forward(np.array([token]), cache, total)
+            logits, cache = self.forward(np.array([token]), cache, total)
             token = argmax(logits[-1])
             tokens.append(token)
         end = time.perf_counter()

@@ -118,3 +118,13 @@ def test_dynamic_int8_uses_matmulinteger_and_keeps_lm_head_float(tiny_llama, tmp
     assert [n.op_type for n in lm_head] == ["MatMul"]
     nll = score("onnx", folder)
     assert nll == pytest.approx(score("onnx", onnx_models.f32), rel=0.05)
+
+
+def test_missing_execution_provider_is_named(onnx_models):
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    missing = next(p for p in ("CoreMLExecutionProvider", "CUDAExecutionProvider")
+                   if p not in available)
+    with pytest.raises(RuntimeError, match=f"{missing} is not in this onnxruntime"):
+        open_runtime("onnx", str(onnx_models.f32), 1, 64, provider=missing)
