@@ -101,7 +101,8 @@ def test_rerun_rebuilds_nothing(demo):
 def test_gate_on_the_real_report(demo):
     out, _, _, _ = demo
     report = out / "report.json"
-    assert run_cli("gate", report, "--max-size-mb", 300, "--max-ppl-increase-pct", 50).returncode == 0
+    within = run_cli("gate", report, "--max-size-mb", 600, "--max-ppl-increase-pct", 50)
+    assert within.returncode == 0, within.stderr
     over = run_cli("gate", report, "--max-size-mb", 100)  # only the q4_0 files (92 MB) fit
     assert over.returncode == 1
     breached = {line.split(":")[0] for line in over.stderr.strip().splitlines()}
