@@ -213,17 +213,6 @@ class _hub_errors:
         ) from exc
 
 
-def model_summary(config) -> dict:
-    """The few config fields a report shows."""
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "intermediate_size", "vocab_size")
-    return {k: getattr(config, k, None) for k in keys}
-
-
-def read_config(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text())
-
-
 def save_hf_folder(model, tokenizer, source: ModelSource, dest: Path) -> None:
     """Save a loaded model as a plain HF folder (safetensors), noting facts of its source
     that the folder cannot carry (a GGUF source's llama.cpp pre-tokenizer name)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from edgellm.artifacts import sha256_json
 from edgellm.errors import UserError
 
 
@@ -26,7 +27,7 @@ def export_artifact(model_dir: Path, staging: Path, export, name: str, work: Pat
     target = artifact_path(staging, export)
     if export.format == "torch":
         for path in model_dir.iterdir():
-            if path.is_file() and path.name != "manifest.json":
+            if path.is_file() and path.name not in ("manifest.json", "measurement.json"):
                 shutil.copy2(path, staging / path.name)
         return target
     if export.format == "gguf":
@@ -35,8 +36,6 @@ def export_artifact(model_dir: Path, staging: Path, export, name: str, work: Pat
         imatrix = None
         if export.imatrix:
             from edgellm.export.imatrix import compute_imatrix
-
-            from edgellm.artifacts import sha256_json
 
             key = sha256_json(calibration.model_dump())[:12]
             imatrix = compute_imatrix(model_dir, calibration.text, calibration.samples,

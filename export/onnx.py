@@ -21,10 +21,7 @@ from edgellm.errors import UserError
 # for the CPU provider fails in onnxruntime 1.31 CPU with a buffer shape mismatch in its
 # repeat_kv Cast (seen on a tiny llama); fp16 belongs with GPU providers.
 PRECISIONS = {"f32": "fp32", "int8": "int8", "int4": "int4"}
-# int8-dynamic: the fp32 graph through onnxruntime's quantize_dynamic (MatMulInteger with
-# activations quantized at run time, per-channel weights, lm_head kept float).
-ONNX_WEIGHTS = (*PRECISIONS, "int8-dynamic")
-LM_HEAD_NODE = "/lm_head/MatMul"
+ONNX_WEIGHTS = tuple(PRECISIONS)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM")
 
@@ -57,15 +54,6 @@ def export_onnx(model_dir: Path, target: Path, export, work: Path) -> Path:
     """Write the ONNX folder `target` (model.onnx, model.onnx.data, genai_config.json,
     tokenizer files). `target` lies inside a staging folder, so a failure leaves nothing."""
     check_architecture(model_dir)
-    if export.weights == "int8-dynamic":
-        fp32_dir = export_onnx(model_dir, work / "onnx-f32-for-dynamic",
-                               export.model_copy(update={"weights": "f32"}), work)
-        try:
-            # lm_head float unless the recipe names lm_head_bits (then it is int8 too)
-            keep_float = "lm_head_bits" not in export.model_fields_set
-            return quantize_dynamic_int8(fp32_dir, target, keep_float)
-        finally:
-            shutil.rmtree(fp32_dir, ignore_errors=True)
     target.mkdir(parents=True, exist_ok=True)
     log = work / f"onnx-builder-{export.weights}.log"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir),
@@ -99,18 +87,3 @@ def convert_to_ort(onnx_dir: Path, target: Path, work: Path) -> Path:
             shutil.copy2(extra, target / extra.name)
     return target
 
-
-def quantize_dynamic_int8(fp32_dir: Path, target: Path, keep_lm_head_float: bool) -> Path:
-    """MatMul weights to per-channel int8, activations quantized at run time (MatMulInteger);
-    the lm_head stays float when `keep_lm_head_float`."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    target.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(fp32_dir / "model.onnx", target / "model.onnx", per_channel=True,
-                     weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     nodes_to_exclude=[LM_HEAD_NODE] if keep_lm_head_float else [],
-                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
-    for extra in fp32_dir.iterdir():
-        if extra.suffix in (".json", ".jinja"):
-            shutil.copy2(extra, target / extra.name)
-    return target

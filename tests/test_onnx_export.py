@@ -106,20 +106,6 @@ def test_unsupported_architecture_is_named(tmp_path, tiny_llama):
     assert "GPTBigCodeForCausalLM" in result.stderr and "LlamaForCausalLM" in result.stderr
 
 
-def test_dynamic_int8_uses_matmulinteger_and_keeps_lm_head_float(tiny_llama, tmp_path, onnx_models):
-    import onnx
-
-    spec = ExportSpec(format="onnx", weights="int8-dynamic")
-    folder = export_onnx(tiny_llama, tmp_path / "dyn", spec, tmp_path)
-    graph = onnx.load(folder / "model.onnx", load_external_data=False).graph
-    ops = {node.op_type for node in graph.node}
-    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
-    lm_head = [n for n in graph.node if n.name.startswith("/lm_head/")]
-    assert [n.op_type for n in lm_head] == ["MatMul"]
-    nll = score("onnx", folder)
-    assert nll == pytest.approx(score("onnx", onnx_models.f32), rel=0.05)
-
-
 def test_missing_execution_provider_is_named(onnx_models):
     import onnxruntime
 
