@@ -13,6 +13,7 @@ import argparse
 import time
 
 import numpy as np
+
 from edgellm.runtimes import argmax
 from edgellm.runtimes.ort import OrtRuntime
 

@@ -77,6 +77,17 @@ def fresh_staging_dir(final: Path) -> Path:
     return staging
 
 
+@contextmanager
+def staged_dir(final: Path):
+    """A fresh staging folder for `final`; removed when the block fails or is interrupted."""
+    staging = fresh_staging_dir(final)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def publish_dir(staging: Path, final: Path, key: str, record: dict) -> None:
     """Write the manifest (last), then move the staging folder into place."""
     files = {

@@ -9,7 +9,6 @@ versions) changes; a measurement is redone only when its own key changes.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +17,12 @@ from rich.console import Console
 
 from edgellm import __version__
 from edgellm.artifacts import (
-    fresh_staging_dir,
     publish_dir,
     read_json,
     read_manifest,
     sha256_files,
     sha256_json,
+    staged_dir,
     trusted,
     write_json_atomic,
 )
@@ -110,10 +109,10 @@ def build_reference(source: ModelSource, recipe: Recipe, tokenizer, folder: Path
     if trusted(folder, key):
         console.print(f"[dim]reference: up to date in {folder}[/dim]")
         return key
-    with console.status(f"loading {source.label or source.path} into torch"):
-        model = load_model(source, recipe.model.trust_remote_code)
-        staging = fresh_staging_dir(folder)
-        save_hf_folder(model, tokenizer, source, staging)
+    with console.status(f"loading {source.label or source.path} into torch"), \
+            staged_dir(folder) as staging:
+        save_hf_folder(load_model(source, recipe.model.trust_remote_code), tokenizer, source,
+                       staging)
     publish_dir(staging, folder, key, {"name": REFERENCE, "source": source.label,
                                        "source_sha256": source_hash, "steps": [],
                                        "export": {"format": "torch", "weights": "f32"},
@@ -150,15 +149,9 @@ def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: 
         raise UserError(f"variant {variant.name}: compression methods are not available yet")
     work = out / WORK / f"ref-{reference_key[:12]}"
     work.mkdir(parents=True, exist_ok=True)
-    staging = fresh_staging_dir(folder)
-    try:
-        with console.status(f"{variant.name}: exporting {variant.export.format} "
-                            f"{variant.export.weights}"):
-            export_artifact(out / REFERENCE, staging, variant.export, variant.name, work,
-                            calibration)
-    except BaseException:  # Ctrl-C or a failure: leave no staging folder behind
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    status = f"{variant.name}: exporting {variant.export.format} {variant.export.weights}"
+    with staged_dir(folder) as staging, console.status(status):
+        export_artifact(out / REFERENCE, staging, variant.export, variant.name, work, calibration)
     publish_dir(staging, folder, key, {"name": variant.name, "spec": spec,
                                        "steps": [s.method for s in variant.compress],
                                        "tools": tool_versions()})

@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edgellm.errors import UserError
 
 REFERENCE = "reference"
-FORMATS = ("torch", "gguf", "onnx", "ort")
 ONNX_ONLY = ("block_size", "accuracy_level", "symmetric", "lm_head_bits")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 

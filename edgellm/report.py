@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edgellm import __version__
 from edgellm.artifacts import dir_size, write_json_atomic, write_text_atomic
-from edgellm.recipe import REFERENCE
+from edgellm.recipe import ONNX_ONLY, REFERENCE
 from edgellm.tools import machine_info, tool_versions
 
 COLUMNS = [  # (key, header, format)
@@ -122,11 +122,8 @@ def _variant_row(result: VariantResult, out: Path, params: int, ref_ppl: float,
 
 def _export_options(export) -> dict:
     """The options the artifact was written with (MatMulNBits block size, accuracy_level...)."""
-    options = export.model_dump() if hasattr(export, "model_dump") else dict(export)
-    if options.get("format") not in ("onnx", "ort"):
-        for key in ("block_size", "accuracy_level", "symmetric", "lm_head_bits"):
-            options.pop(key, None)
-    return options
+    exclude = set() if export.format in ("onnx", "ort") else set(ONNX_ONLY)
+    return export.model_dump(exclude=exclude)
 
 
 def markdown_table(variants: list[dict]) -> str:

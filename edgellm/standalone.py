@@ -61,11 +61,13 @@ def export_model(model: str, to: str, weights: str, out: Path, console: Console,
                  trust_remote_code: bool = False) -> Path:
     """Export a model to `out/<name>-<weights>.gguf`, or the folder `out/<name>-<weights>-onnx/`
     (`-ort/`) holding the ONNX (ORT-format) model, its genai_config.json and tokenizer."""
+    import os
     import shutil
 
-    from edgellm.artifacts import fresh_staging_dir
+    from edgellm.artifacts import staged_dir
     from edgellm.export import weights_for
     from edgellm.export.build import export_artifact
+    from edgellm.pipeline import prepare_out_dir
     from edgellm.recipe import ExportSpec
 
     if to not in ("gguf", "onnx", "ort"):
@@ -74,58 +76,35 @@ def export_model(model: str, to: str, weights: str, out: Path, console: Console,
         raise UserError(f"weights '{weights}' not available for {to}: use one of "
                         f"{', '.join(weights_for(to))}")
     source = resolve_source(model)
-    _prepare(out)
+    prepare_out_dir(out)
     folder = _hf_folder(source, out, console, trust_remote_code)
     stem = Path(source.gguf_file).stem if source.gguf_file else Path(source.path).name
     # intermediates (the f32 GGUF quantized types start from) are keyed by the source's content
     work = out / "_work" / f"src-{sha256_files(source.files())[:12]}"
     work.mkdir(parents=True, exist_ok=True)
-    spec = ExportSpec(format=to, weights=weights)
-    if to == "gguf":
-        from edgellm.export.gguf import export_gguf
-
-        target = out / f"{stem}-{weights}.gguf"
-        with console.status(f"exporting {to} {weights}"):
-            return export_gguf(folder, target, weights, work)
-    target = out / f"{stem}-{weights}-{to}"
-    staging = fresh_staging_dir(target)
-    try:
-        with console.status(f"exporting {to} {weights}"):
-            export_artifact(folder, staging, spec, stem, work)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.exists():
+    target = out / (f"{stem}-{weights}.gguf" if to == "gguf" else f"{stem}-{weights}-{to}")
+    with staged_dir(target) as staging, console.status(f"exporting {to} {weights}"):
+        built = export_artifact(folder, staging, ExportSpec(format=to, weights=weights), stem,
+                                work)
+    if target.is_dir():
         shutil.rmtree(target)
-    (staging / to).rename(target)
+    os.replace(built, target)
     shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _prepare(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} is a file: pass a folder path to --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output folder {out} ({exc.strerror}): "
-                        "choose a writable --out") from None
 
 
 def _hf_folder(source: ModelSource, out: Path, console: Console, trust_remote_code: bool) -> Path:
     """An HF folder for the exporter: the source itself, or a saved copy of a GGUF source."""
     if source.kind == "hf":
         return Path(source.path)
-    from edgellm.artifacts import fresh_staging_dir, publish_dir, trusted
+    from edgellm.artifacts import publish_dir, staged_dir, trusted
 
     key = sha256_json({"source": sha256_files(source.files())})
     folder = out / "_work" / f"hf-{key[:12]}"
     if not trusted(folder, key):
-        with console.status("loading the GGUF into torch (dequantizing)"):
-            model = load_model(source, trust_remote_code)
-            tokenizer = load_tokenizer(source, trust_remote_code)
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            staging = fresh_staging_dir(folder)
-            save_hf_folder(model, tokenizer, source, staging)
+        with console.status("loading the GGUF into torch (dequantizing)"), \
+                staged_dir(folder) as staging:
+            save_hf_folder(load_model(source, trust_remote_code),
+                           load_tokenizer(source, trust_remote_code), source, staging)
         publish_dir(staging, folder, key, {"source": source.label})
     return folder

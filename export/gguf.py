@@ -14,12 +14,12 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from edgellm.export.gguf_arch import arch_for
-from edgellm.export.gguf_vocab import add_vocab
 from safetensors import safe_open
 
 from edgellm.artifacts import atomic_path
 from edgellm.errors import UserError
+from edgellm.export.gguf_arch import arch_for
+from edgellm.export.gguf_vocab import add_vocab
 
 FLOAT_TYPES = {
     "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from edgellm.export.gguf_arch import arch_for
 
 from edgellm.data import read_text, resolve_text, token_windows, tokenize
+from edgellm.export.gguf_arch import arch_for
 
 
 def compute_imatrix(model_dir: Path, text: str, samples: int, seqlen: int,

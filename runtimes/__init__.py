@@ -9,6 +9,7 @@ beside llama.cpp's).
 from __future__ import annotations
 
 import importlib
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -58,6 +59,23 @@ def open_runtime(fmt: str, path: str, threads: int, ctx: int,
     if provider and fmt in ("onnx", "ort"):
         return runtime_class(path, threads=threads, ctx=ctx, provider=provider)
     return runtime_class(path, threads=threads, ctx=ctx)
+
+
+def timed_greedy(prefill, step, new_tokens: int) -> Generation:
+    """Greedy decoding with the timings every runtime reports. `prefill()` runs the prompt and
+    returns the last position's logits; `step(token)` feeds one token through the KV cache
+    and returns the next logits (numpy arrays or torch tensors)."""
+    start = time.perf_counter()
+    logits = prefill()
+    prefill_done = time.perf_counter()
+    token = argmax(logits)
+    first = time.perf_counter()
+    tokens = [token]
+    for _ in range(new_tokens - 1):
+        token = argmax(step(token))
+        tokens.append(token)
+    end = time.perf_counter()
+    return Generation(tokens, prefill_done - start, first - start, end - first)
 
 
 def argmax(logits: np.ndarray) -> int:

@@ -7,13 +7,12 @@ what an app would see, and decodes one token per step with the KV cache.
 
 from __future__ import annotations
 
-import time
-
 import llama_cpp
 import numpy as np
-from edgellm.runtimes import Generation, argmax, nll_of_targets
 from llama_cpp import Llama
 from llama_cpp import __version__ as llama_cpp_version
+
+from edgellm.runtimes import Generation, nll_of_targets, timed_greedy
 
 
 class LlamaCppRuntime:
@@ -49,18 +48,12 @@ class LlamaCppRuntime:
         # room for a ctx-long prompt and as many new tokens, so warm-up and timed runs share it
         llm = self._context(all_logits=False, n_ctx=max(2 * self.ctx, len(prompt) + new_tokens))
         llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt.tolist())
-        prefill_done = time.perf_counter()
-        token = argmax(self._last_logits(llm))
-        first = time.perf_counter()
-        tokens = [token]
-        for _ in range(new_tokens - 1):
-            llm.eval([token])
-            token = argmax(self._last_logits(llm))
-            tokens.append(token)
-        end = time.perf_counter()
-        return Generation(tokens, prefill_done - start, first - start, end - first)
+
+        def run(ids: list[int]) -> np.ndarray:
+            llm.eval(ids)
+            return self._last_logits(llm)
+
+        return timed_greedy(lambda: run(prompt.tolist()), lambda token: run([token]), new_tokens)
 
     @staticmethod
     def _last_logits(llm: Llama) -> np.ndarray:

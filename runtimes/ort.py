@@ -9,12 +9,12 @@ token per step with the cache it got back (no recomputation of the prefix).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from edgellm.runtimes import Generation, argmax, nll_of_targets
+
+from edgellm.runtimes import Generation, nll_of_targets, timed_greedy
 
 DEFAULT_PROVIDER = "CPUExecutionProvider"
 
@@ -63,19 +63,15 @@ class OrtRuntime:
         return nll_of_targets(logits[:-1].astype(np.float32), window[1:]), len(window) - 1
 
     def generate(self, prompt: np.ndarray, new_tokens: int) -> Generation:
-        start = time.perf_counter()
-        logits, cache = self.forward(prompt, self.empty_cache(), len(prompt))
-        prefill_done = time.perf_counter()
-        token = argmax(logits[-1])
-        first = time.perf_counter()
-        tokens, total = [token], len(prompt)
-        for _ in range(new_tokens - 1):
-            total += 1
-            logits, cache = self.forward(np.array([token]), cache, total)
-            token = argmax(logits[-1])
-            tokens.append(token)
-        end = time.perf_counter()
-        return Generation(tokens, prefill_done - start, first - start, end - first)
+        cache, total = self.empty_cache(), 0
+
+        def run(ids: np.ndarray) -> np.ndarray:
+            nonlocal cache, total
+            total += len(ids)
+            logits, cache = self.forward(ids, cache, total)
+            return logits[-1]
+
+        return timed_greedy(lambda: run(prompt), lambda token: run(np.array([token])), new_tokens)
 
     def close(self) -> None:
         del self.session

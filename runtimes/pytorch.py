@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
-from edgellm.runtimes import Generation
+
+from edgellm.runtimes import Generation, timed_greedy
 
 
 class TorchRuntime:
@@ -33,21 +32,17 @@ class TorchRuntime:
 
     @torch.inference_mode()
     def generate(self, prompt: np.ndarray, new_tokens: int) -> Generation:
-        ids = torch.from_numpy(prompt.astype(np.int64))[None]
-        start = time.perf_counter()
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        prefill_done = time.perf_counter()
-        token = int(out.logits[0, -1].argmax())
-        first = time.perf_counter()
-        tokens, past = [token], out.past_key_values
-        for _ in range(new_tokens - 1):
-            step = torch.tensor([[token]])
-            out = self.model(input_ids=step, past_key_values=past, use_cache=True)
+        past = None
+
+        def run(ids: torch.Tensor, **kwargs) -> np.ndarray:
+            nonlocal past
+            out = self.model(input_ids=ids, past_key_values=past, use_cache=True, **kwargs)
             past = out.past_key_values
-            token = int(out.logits[0, -1].argmax())
-            tokens.append(token)
-        end = time.perf_counter()
-        return Generation(tokens, prefill_done - start, first - start, end - first)
+            return out.logits[0, -1].numpy()
+
+        prompt_ids = torch.from_numpy(prompt.astype(np.int64))[None]
+        return timed_greedy(lambda: run(prompt_ids, logits_to_keep=1),
+                            lambda token: run(torch.tensor([[token]])), new_tokens)
 
     def close(self) -> None:
         del self.model

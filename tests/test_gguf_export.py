@@ -4,6 +4,7 @@ same ids as torch, and quantized types come from llama.cpp's own quantizer."""
 import numpy as np
 import pytest
 import torch
+
 from edgellm.export.gguf import export_gguf, write_float_gguf
 from edgellm.export.gguf_arch import llama_rope_permute
 from edgellm.runtimes import open_runtime

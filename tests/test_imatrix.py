@@ -3,9 +3,9 @@
 import gguf
 import numpy as np
 import pytest
+
 from edgellm.export.gguf import export_gguf
 from edgellm.export.imatrix import compute_imatrix
-
 from edgellm.recipe import parse_recipe
 
 

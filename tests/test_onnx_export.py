@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import run_cli
-from edgellm.export.onnx import builder_options, convert_to_ort, export_onnx
-from edgellm.runtimes import open_runtime
 
+from edgellm.export.onnx import builder_options, convert_to_ort, export_onnx
 from edgellm.recipe import ExportSpec
+from edgellm.runtimes import open_runtime
 
 WINDOW = (np.arange(64, dtype=np.int32) * 7) % 250
 

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from edgellm.runtimes import nll_of_targets, open_runtime
 
 from edgellm.evaluate import perplexity
+from edgellm.runtimes import nll_of_targets, open_runtime
 
 
 def test_nll_of_targets_matches_torch_cross_entropy():
