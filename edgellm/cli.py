@@ -85,6 +85,28 @@ def export(
 
 
 @app.command()
+def compress(
+    model: Annotated[str, typer.Argument(help="Built-in name, HF folder, .gguf file or hub id.")],
+    method: Annotated[str, typer.Option(help="Compression method (gptq, int8, wanda, ...).")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Method option as key=value, e.g. --set bits=4 (repeat).")] = None,
+    calibration: Annotated[str, typer.Option(help="Calibration text file or built-in name.")]
+    = "wikitext-2-valid",
+    samples: Annotated[int, typer.Option(min=1, help="Calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option(min=16, help="Tokens per calibration window.")] = 512,
+    out: OutOption = Path("edgellm-compress"),
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the folder.")] = False,
+):
+    """Apply one compression method to MODEL and write an HF folder; print its path."""
+    from edgellm.recipe import CalibrationSpec
+    from edgellm.standalone import compress_model
+
+    spec = CalibrationSpec(text=calibration, samples=samples, seqlen=seqlen)
+    path = compress_model(model, method, set_ or [], spec, out, console, trust_remote_code)
+    console.print(f"wrote {path}")
+
+
+@app.command()
 def report(out: Annotated[Path, typer.Argument(help="Run folder holding report.json.")]):
     """Rewrite report.md and report.html from OUT/report.json."""
     from edgellm.gate import load_report

@@ -138,20 +138,22 @@ def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: 
     # defaults included: a changed default must rebuild what it would change
     spec = variant.model_dump(exclude={"name"})
     inputs = {"reference": reference_key, "spec": spec, "edgellm": __version__}
-    if variant.export.imatrix:  # calibration text only matters to variants that read it
+    if variant.export.imatrix or variant.compress:  # only variants that read calibration text
         inputs["calibration"] = calibration.model_dump()
     key = sha256_json(inputs)
     folder = out / variant.name
     if trusted(folder, key):
         console.print(f"[dim]{variant.name}: up to date in {folder}[/dim]")
         return key
-    if variant.compress:
-        raise UserError(f"variant {variant.name}: compression methods are not available yet")
-    work = out / WORK / f"ref-{reference_key[:12]}"
+    model_dir, model_key = out / REFERENCE, reference_key
+    for step in variant.compress:
+        model_dir, model_key = build_step(step.model_dump(), model_dir, model_key, out,
+                                          variant.export, calibration, console)
+    work = out / WORK / f"ref-{model_key[:12]}"
     work.mkdir(parents=True, exist_ok=True)
     status = f"{variant.name}: exporting {variant.export.format} {variant.export.weights}"
     with staged_dir(folder) as staging, console.status(status):
-        export_artifact(out / REFERENCE, staging, variant.export, variant.name, work, calibration)
+        export_artifact(model_dir, staging, variant.export, variant.name, work, calibration)
     publish_dir(staging, folder, key, {"name": variant.name, "spec": spec,
                                        "steps": [s.method for s in variant.compress],
                                        "tools": tool_versions()})
@@ -186,3 +188,28 @@ def measure_variant(name: str, export: ExportSpec, steps: list[str], folder: Pat
                          measured=measured, manifest=manifest)
 
 
+
+
+def build_step(step: dict, model_dir: Path, model_key: str, out: Path, export: ExportSpec,
+               calibration, console: Console) -> tuple[Path, str]:
+    """Run one compression step on the HF folder `model_dir` into OUT/_work/steps/, once:
+    variants sharing a chain prefix (same inputs, options, calibration) share its output."""
+    from edgellm.compress import Context, key_inputs
+
+    context = Context(calibration=calibration, export=export, console=console,
+                      work=out / WORK)
+    key = sha256_json({"input": model_key, "step": step, "edgellm": __version__,
+                       **key_inputs(step, context)})
+    folder = out / WORK / "steps" / f"{step['method']}-{key[:12]}"
+    if trusted(folder, key):
+        console.print(f"[dim]{step['method']}: reusing {folder}[/dim]")
+        return folder, key
+    from edgellm.compress import apply_step
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with staged_dir(folder) as staging:
+        apply_step(step, model_dir, staging, context)
+    publish_dir(staging, folder, key, {"step": step, "input": str(model_dir),
+                                       "tools": tool_versions()})
+    console.print(f"{step['method']}: wrote {folder}")
+    return folder, key

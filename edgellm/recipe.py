@@ -99,12 +99,16 @@ class VariantSpec(Strict):
     @field_validator("compress")
     @classmethod
     def _known_methods(cls, steps: list[CompressStep]) -> list[CompressStep]:
-        from edgellm.compress import METHODS
+        from edgellm.compress import parse_options
 
         for step in steps:
-            if step.method not in METHODS:
-                known = ", ".join(sorted(METHODS)) or "none in this version"
-                raise ValueError(f"unknown compress method '{step.method}' (known: {known})")
+            try:
+                parse_options(step.model_dump())
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join(str(part) for part in error["loc"])
+                message = error["msg"].removeprefix("Value error, ")
+                raise ValueError(f"{step.method} option '{where}': {message}") from None
         return steps
 
 

@@ -108,3 +108,52 @@ def _hf_folder(source: ModelSource, out: Path, console: Console, trust_remote_co
                            load_tokenizer(source, trust_remote_code), source, staging)
         publish_dir(staging, folder, key, {"source": source.label})
     return folder
+
+
+def compress_model(model: str, method: str, settings: list[str], calibration, out: Path,
+                   console: Console, trust_remote_code: bool = False) -> Path:
+    """Apply one compression method to a model and write the result as an HF folder
+    `out/<name>-<method>/`; `settings` are `key=value` method options (TOML values)."""
+    import os
+    import shutil
+
+    from edgellm.artifacts import staged_dir
+    from edgellm.compress import Context, apply_step
+    from edgellm.pipeline import prepare_out_dir
+    from edgellm.recipe import parse_recipe
+
+    step = {"method": method, **parse_settings(settings)}
+    # validated like a recipe step, so errors read the same
+    parse_recipe({"calibration": calibration.model_dump(),
+                  "variant": [{"name": "cli", "compress": [step],
+                               "export": {"format": "torch", "weights": "f32"}}]},
+                 origin="command line")
+    source = resolve_source(model)
+    prepare_out_dir(out)
+    folder = _hf_folder(source, out, console, trust_remote_code)
+    stem = Path(source.gguf_file).stem if source.gguf_file else Path(source.path).name
+    target = out / f"{stem}-{method}"
+    with staged_dir(target) as staging:
+        apply_step(step, folder, staging,
+                   Context(calibration=calibration, console=console, work=out / "_work"))
+    if target.is_dir():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target
+
+
+def parse_settings(settings: list[str]) -> dict:
+    """`key=value` pairs with TOML values (`sparsity=0.5`, `pattern="2:4"`, `act_order=true`);
+    a bare word that is not TOML is taken as a string."""
+    import tomllib
+
+    options = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"option '{setting}' is not key=value: write e.g. --set bits=4")
+        try:
+            options[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[key.strip()] = value.strip()
+    return options

@@ -1,0 +1,30 @@
+"""Calibration windows: the recipe's [calibration] text (never the evaluation text) as
+`samples` windows of `seqlen` token ids, tokenized by the model's own tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgellm.data import read_text, resolve_text, tokenize
+from edgellm.errors import UserError
+
+
+def calibration_ids(model_dir: Path, text: str, samples: int, seqlen: int) -> torch.Tensor:
+    """A [samples, seqlen] int64 tensor of consecutive non-overlapping windows of the text."""
+    from transformers import AutoTokenizer
+
+    from edgellm.models import quiet_transformers
+
+    quiet_transformers()
+    path = resolve_text(text)
+    body, _ = read_text(path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    ids = tokenize(tokenizer, body, samples * seqlen)
+    if len(ids) < samples * seqlen:
+        raise UserError(
+            f"calibration text {path} has {len(ids)} tokens, fewer than samples × seqlen = "
+            f"{samples} × {seqlen}: lower samples/seqlen or use a longer text")
+    return torch.from_numpy(ids.astype(np.int64)).reshape(samples, seqlen)

@@ -1,0 +1,137 @@
+"""The registry of quantization grids: the exact integer grids of the export formats.
+
+A grid says how a block of `group` consecutive input weights of one output row becomes
+integers q in [qmin, qmax] and back: w ≈ scale · q + offset, with scale (and offset)
+rounded to float16 as the file stores them. GPTQ rounds onto the grid of the format it
+will be written in, so the exporter stores the solver's integers as they are.
+
+  q4_0        GGUF Q4_0: blocks of 32, scale = signed absmax / -8, q in 0..15, w = d·(q-8)
+  q4_1        GGUF Q4_1: blocks of 32, scale = (max-min)/15 and min, w = d·q + m
+  q8_0        GGUF Q8_0: blocks of 32, scale = absmax / 127, q in -127..127
+  nbits       ONNX MatMulNBits (and the standard GPTQ checkpoint): 4 or 8 bits, blocks of
+              16..256, with zero points (asymmetric, zero in the grid) or symmetric
+              (zero point 2^(bits-1), scale = signed absmax / -2^(bits-1), as ORT does)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edgellm.errors import UserError
+
+GGUF_GRIDS = ("q4_0", "q4_1", "q8_0")
+NBITS_BITS = (4, 8)
+NBITS_GROUPS = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str  # q4_0, q4_1, q8_0, nbits
+    bits: int
+    group: int
+    symmetric: bool
+
+    @property
+    def qmin(self) -> int:
+        return -127 if self.name == "q8_0" else 0
+
+    @property
+    def qmax(self) -> int:
+        return 127 if self.name == "q8_0" else (1 << self.bits) - 1
+
+    @property
+    def label(self) -> str:
+        if self.name != "nbits":
+            return self.name
+        return f"nbits{self.bits}-g{self.group}-{'sym' if self.symmetric else 'asym'}"
+
+    def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, offset) per row for a [rows, group] block, both f16-representable, so
+        that scale·q + offset with integer q is the stored format's value exactly."""
+        w = w.float()
+        if self.name == "q4_1":
+            low, high = w.min(dim=1).values, w.max(dim=1).values
+            scale = _f16((high - low) / self.qmax)
+            return scale, _f16(low)
+        if self.name == "q8_0":
+            return _f16(w.abs().max(dim=1).values / 127), torch.zeros(len(w))
+        if self.symmetric:  # q4_0 and symmetric nbits: the signed extreme maps to -half
+            half = 1 << (self.bits - 1)
+            extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True))[:, 0]
+            scale = _f16(extreme / -half)
+            return scale, -half * scale
+        low = w.min(dim=1).values.clamp(max=0)
+        high = w.max(dim=1).values.clamp(min=0)
+        scale = _f16((high - low) / self.qmax)
+        zero = torch.round(-low / _nonzero(scale)).clamp(0, self.qmax)
+        return scale, -zero * scale
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Integers q (as float) nearest to w on the grid; w [rows] or [rows, k]."""
+        if w.dim() == 2:
+            scale, offset = scale[:, None], offset[:, None]
+        q = torch.round((w - offset) / _nonzero(scale))
+        return q.clamp(self.qmin, self.qmax)
+
+    def zero_point(self, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """The integer zero point z with offset = -z·scale (grids with integer zeros)."""
+        if self.name == "q4_1":
+            raise ValueError("q4_1 has a float minimum, not an integer zero point")
+        if self.name == "q8_0":
+            return torch.zeros_like(scale)
+        return torch.round(-offset / _nonzero(scale))
+
+
+def _f16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).float()
+
+
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    """A block of zeros has scale 0: divide by 1 instead (every q is then the zero point)."""
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def dequantize(grid: Grid, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] weights from integers q [rows, cols] and per-block scale/offset
+    [rows, cols/group], as the runtime computes them."""
+    scale = scale.repeat_interleave(grid.group, dim=1)
+    offset = offset.repeat_interleave(grid.group, dim=1)
+    return scale * q + offset
+
+
+def grid_for_export(export, bits: int | None, group_size: int | None) -> Grid:
+    """The grid of a recipe export target (gguf q4_0/q4_1/q8_0, onnx/ort int4/int8), checked
+    against the step's own bits/group_size when it gives them."""
+    if export.format == "gguf":
+        if export.weights not in GGUF_GRIDS:
+            raise UserError(f"GPTQ writes GGUF {', '.join(GGUF_GRIDS)} blocks, not "
+                            f"'{export.weights}': choose one of those weights")
+        grid = Grid(export.weights, 8 if export.weights == "q8_0" else 4, 32,
+                    export.weights != "q4_1")
+    elif export.format in ("onnx", "ort"):
+        if export.weights not in ("int4", "int8"):
+            raise UserError(f"GPTQ writes ONNX int4/int8 (MatMulNBits), not '{export.weights}'")
+        grid = Grid("nbits", int(export.weights[3:]), export.block_size, export.symmetric)
+    else:
+        raise UserError(f"GPTQ cannot feed a {export.format} export: use gguf, onnx or ort")
+    if bits is not None and bits != grid.bits:
+        raise UserError(f"GPTQ bits={bits} but the export {export.format} {export.weights} "
+                        f"stores {grid.bits}-bit weights: make them agree")
+    if group_size is not None and group_size != grid.group:
+        raise UserError(f"GPTQ group_size={group_size} but the export {export.format} "
+                        f"{export.weights} uses blocks of {grid.group}: make them agree")
+    return grid
+
+
+def standalone_grid(name: str | None, bits: int, group_size: int, symmetric: bool) -> Grid:
+    """The grid for a GPTQ run outside a recipe: a named GGUF grid, or MatMulNBits/GPTQ."""
+    if name in GGUF_GRIDS:
+        return Grid(name, 8 if name == "q8_0" else 4, 32, name != "q4_1")
+    if bits not in NBITS_BITS:
+        raise UserError(f"GPTQ bits={bits} is not in the grid registry: use 4 or 8")
+    if group_size not in NBITS_GROUPS:
+        raise UserError(f"GPTQ group_size={group_size} is not in the grid registry: use one of "
+                        f"{', '.join(map(str, NBITS_GROUPS))}")
+    return Grid("nbits", bits, group_size, symmetric)

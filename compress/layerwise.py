@@ -1,0 +1,154 @@
+"""Stream a causal LM one decoder layer at a time over calibration activations.
+
+GPTQ, SparseGPT and Wanda all work layer by layer: each decoder layer sees the outputs of
+the already-processed layers before it, and only one layer's weights are in memory at a
+time (plus the calibration activations), not the whole model. The model skeleton is
+built on the `meta` device; each layer's weights are read from the safetensors files
+when its turn comes, and what the method writes is saved as one shard per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from edgellm.artifacts import atomic_path
+from edgellm.errors import UserError
+
+INDEX = "model.safetensors.index.json"
+SKIP_FILES = {"manifest.json", "measurement.json", INDEX}
+
+
+class TensorStore:
+    """Read tensors by name from every *.safetensors file of an HF folder, lazily."""
+
+    def __init__(self, folder: Path):
+        self.where: dict[str, Path] = {}
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(path, framework="pt") as handle:
+                for name in handle.keys():
+                    self.where[name] = path
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(self.where[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+
+class ShardWriter:
+    """Write tensors as numbered safetensors shards plus the standard index file, so a
+    large model never has to be held whole to be saved."""
+
+    def __init__(self, folder: Path, total_shards: int):
+        self.folder, self.total = Path(folder), total_shards
+        self.count, self.weight_map = 0, {}
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.count += 1
+        name = f"model-{self.count:05d}-of-{self.total:05d}.safetensors"
+        contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+        with atomic_path(self.folder / name) as tmp:
+            save_file(contiguous, str(tmp), metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(tensors, name))
+
+    def close(self) -> None:
+        index = {"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_side_files(source: Path, dest: Path) -> None:
+    """Config, tokenizer and other small files of an HF folder (not its weights)."""
+    for path in Path(source).iterdir():
+        if path.is_file() and path.suffix != ".safetensors" and path.name not in SKIP_FILES:
+            shutil.copy2(path, dest / path.name)
+
+
+def load_skeleton(model_dir: Path):
+    """The model with every parameter on `meta`: structure without memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgellm.models import quiet_transformers
+
+    quiet_transformers()
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
+        raise UserError(f"model {model_dir} ({config.architectures}) has no model.layers "
+                        "decoder stack: layer-wise compression supports Llama-style models")
+    return model
+
+
+def materialize(module: torch.nn.Module, store: TensorStore, prefix: str) -> None:
+    """Give a meta module real weights read from the store (names under `prefix`)."""
+    module.to_empty(device="cpu")
+    state = {name: store.get(prefix + name) for name in module.state_dict()}
+    module.load_state_dict(state, strict=True)
+
+
+class LayerInputs:
+    """The calibration hidden states entering the current layer, and how to run a layer on them."""
+
+    def __init__(self, hidden: torch.Tensor, position_embeddings, batch: int):
+        self.hidden = hidden  # [samples, seqlen, width]
+        self.position_embeddings = position_embeddings
+        self.batch = batch
+
+    @torch.no_grad()
+    def run(self, layer: torch.nn.Module) -> torch.Tensor:
+        """The layer's outputs for every sample (causal attention, no cache)."""
+        outputs = torch.empty_like(self.hidden)
+        for start in range(0, len(self.hidden), self.batch):
+            chunk = self.hidden[start:start + self.batch]
+            out = layer(chunk, attention_mask=None, position_embeddings=self.position_embeddings,
+                        use_cache=False)
+            outputs[start:start + self.batch] = out[0] if isinstance(out, tuple) else out
+        return outputs
+
+
+ProcessLayer = Callable[[int, torch.nn.Module, LayerInputs], dict[str, torch.Tensor] | None]
+
+
+@torch.no_grad()
+def stream_layers(model_dir: Path, dest: Path, ids: torch.Tensor, process: ProcessLayer,
+                  progress=None, batch: int = 8) -> None:
+    """Run `process(index, layer, inputs)` on each decoder layer in order and save the
+    result into `dest` as an HF folder. `process` changes the layer in place (and returns
+    None) or returns the tensors to store for it (names relative to the layer). The next
+    layer's inputs are this layer's outputs after `process`."""
+    model_dir, dest = Path(model_dir), Path(dest)
+    store = TensorStore(model_dir)
+    model = load_skeleton(model_dir)
+    inner = model.model
+    layers = inner.layers
+    writer = ShardWriter(dest, len(layers) + 1)
+    materialize(inner.embed_tokens, store, "model.embed_tokens.")
+    hidden = inner.embed_tokens(ids).float()
+    inner.rotary_emb = type(inner.rotary_emb)(config=model.config)  # real buffers, on CPU
+    positions = torch.arange(ids.shape[1])[None]
+    position_embeddings = inner.rotary_emb(hidden[:1], positions)
+    inputs = LayerInputs(hidden, position_embeddings, batch)
+    task = progress.add_task("layers", total=len(layers)) if progress else None
+    for index, layer in enumerate(layers):
+        prefix = f"model.layers.{index}."
+        materialize(layer, store, prefix)
+        stored = process(index, layer, inputs)
+        inputs.hidden = inputs.run(layer)
+        tensors = stored if stored is not None else layer.state_dict()
+        writer.write({prefix + name: tensor for name, tensor in tensors.items()})
+        layer.to("meta")  # free this layer's weights before the next one loads
+        if progress:
+            progress.advance(task)
+    layer_names = {n for n in store.names() if n.startswith("model.layers.")}
+    writer.write({name: store.get(name) for name in store.names() if name not in layer_names})
+    writer.close()
+    copy_side_files(model_dir, dest)
