@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 # recipe `method` → module under edgellm.compress that implements it
-METHODS: dict[str, str] = {}
+METHODS: dict[str, str] = {"gptq": "gptq"}
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The registry of quantization grids: the exact integer grids of the export formats.
 
 A grid says how a block of `group` consecutive input weights of one output row becomes
-integers q in [qmin, qmax] and back: w ≈ scale · q + offset, with scale (and offset)
-rounded to float16 as the file stores them. GPTQ rounds onto the grid of the format it
+integers q in [qmin, qmax] and back: w ≈ (q - zero)·scale with an integer zero point
+(q4_1: w ≈ q·scale + min), scale (and min) rounded to float16 as the file stores them. GPTQ rounds onto the grid of the format it
 will be written in, so the exporter stores the solver's integers as they are.
 
   q4_0        GGUF Q4_0: blocks of 32, scale = signed absmax / -8, q in 0..15, w = d·(q-8)
@@ -48,40 +48,39 @@ class Grid:
         return f"nbits{self.bits}-g{self.group}-{'sym' if self.symmetric else 'asym'}"
 
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, offset) per row for a [rows, group] block, both f16-representable, so
-        that scale·q + offset with integer q is the stored format's value exactly."""
+        """(scale, zero) per row for a [rows, group] block, as the file stores them: scale is
+        f16-representable; zero is the integer zero point (q4_1: the f16 block minimum)."""
         w = w.float()
         if self.name == "q4_1":
             low, high = w.min(dim=1).values, w.max(dim=1).values
-            scale = _f16((high - low) / self.qmax)
-            return scale, _f16(low)
+            return _f16((high - low) / self.qmax), _f16(low)
         if self.name == "q8_0":
             return _f16(w.abs().max(dim=1).values / 127), torch.zeros(len(w))
         if self.symmetric:  # q4_0 and symmetric nbits: the signed extreme maps to -half
             half = 1 << (self.bits - 1)
             extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True))[:, 0]
-            scale = _f16(extreme / -half)
-            return scale, -half * scale
+            return _f16(extreme / -half), torch.full((len(w),), float(half))
         low = w.min(dim=1).values.clamp(max=0)
         high = w.max(dim=1).values.clamp(min=0)
         scale = _f16((high - low) / self.qmax)
-        zero = torch.round(-low / _nonzero(scale)).clamp(0, self.qmax)
-        return scale, -zero * scale
+        return scale, torch.round(-low / _nonzero(scale)).clamp(0, self.qmax)
 
-    def quantize(self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Integers q (as float) nearest to w on the grid; w [rows] or [rows, k]."""
         if w.dim() == 2:
-            scale, offset = scale[:, None], offset[:, None]
-        q = torch.round((w - offset) / _nonzero(scale))
+            scale, zero = scale[:, None], zero[:, None]
+        if self.name == "q4_1":
+            q = torch.round((w - zero) / _nonzero(scale))
+        else:
+            q = torch.round(w / _nonzero(scale)) + zero
         return q.clamp(self.qmin, self.qmax)
 
-    def zero_point(self, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """The integer zero point z with offset = -z·scale (grids with integer zeros)."""
+    def value(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """The weight the runtime computes from q: ggml and MatMulNBits both evaluate
+        (q - zero)·scale in float32 (q4_1: q·scale + min), so this is bit-exact."""
         if self.name == "q4_1":
-            raise ValueError("q4_1 has a float minimum, not an integer zero point")
-        if self.name == "q8_0":
-            return torch.zeros_like(scale)
-        return torch.round(-offset / _nonzero(scale))
+            return q * scale + zero
+        return (q - zero) * scale
 
 
 def _f16(x: torch.Tensor) -> torch.Tensor:
@@ -93,12 +92,12 @@ def _nonzero(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
-def dequantize(grid: Grid, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """[rows, cols] weights from integers q [rows, cols] and per-block scale/offset
-    [rows, cols/group], as the runtime computes them."""
-    scale = scale.repeat_interleave(grid.group, dim=1)
-    offset = offset.repeat_interleave(grid.group, dim=1)
-    return scale * q + offset
+def dequantize(grid: Grid, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] weights from integers q [rows, cols] and per-block scale/zero
+    [rows, cols/group], exactly as the runtime computes them."""
+    scale = scale.float().repeat_interleave(grid.group, dim=1)
+    zero = zero.float().repeat_interleave(grid.group, dim=1)
+    return grid.value(q.float(), scale, zero)
 
 
 def grid_for_export(export, bits: int | None, group_size: int | None) -> Grid:

@@ -81,8 +81,8 @@ def obs_sweep(W: torch.Tensor, Hinv: torch.Tensor, rule: ColumnRule, block: int 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, act_order: bool = True,
                   damp: float = 0.01, block: int = 128):
-    """GPTQ onto `grid`: returns (q, scale, offset) with q [rows, cols] integers (as float)
-    and scale/offset [rows, cols/group], such that dequantize(grid, q, scale, offset) is the
+    """GPTQ onto `grid`: returns (q, scale, zero) with q [rows, cols] integers (as float)
+    and scale/zero [rows, cols/group], such that dequantize(grid, q, scale, zero) is the
     solved weight. Groups are always the format's blocks of consecutive input columns; with
     act_order the columns are solved in order of decreasing H diagonal and each block's
     scale is fixed from the weights before solving (static groups), so the grid stays the
@@ -93,29 +93,25 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, act_order: bool 
     W = W.clone().float()
     W[:, torch.diag(H) == 0] = 0  # dead inputs: nothing to preserve
     scale = torch.zeros(rows, cols // group)
-    offset = torch.zeros(rows, cols // group)
+    zero = torch.zeros(rows, cols // group)
     q = torch.zeros(rows, cols)
     if act_order:
         order = torch.argsort(torch.diag(H), descending=True)
         for g in range(cols // group):
-            scale[:, g], offset[:, g] = grid.fit(W[:, g * group:(g + 1) * group])
+            scale[:, g], zero[:, g] = grid.fit(W[:, g * group:(g + 1) * group])
     else:
         order = torch.arange(cols)
     Hinv, _ = inverse_factor(H[order][:, order], damp)
     W = W[:, order]
 
-    def fit_block(i1: int, W1: torch.Tensor) -> None:
-        if act_order:
-            return
-        for start in range(0, W1.shape[1], group):
-            g = (i1 + start) // group
-            scale[:, g], offset[:, g] = grid.fit(W1[:, start:start + group])
-
-    def round_column(i: int, w: torch.Tensor, _W1) -> torch.Tensor:
+    def round_column(i: int, w: torch.Tensor, W1: torch.Tensor) -> torch.Tensor:
         col = int(order[i])
         g = col // group
-        q[:, col] = grid.quantize(w, scale[:, g], offset[:, g])
-        return scale[:, g] * q[:, col] + offset[:, g]
+        if not act_order and i % group == 0:  # fit each group as its first column comes up
+            local = i % block
+            scale[:, g], zero[:, g] = grid.fit(W1[:, local:local + group])
+        q[:, col] = grid.quantize(w, scale[:, g], zero[:, g])
+        return grid.value(q[:, col], scale[:, g], zero[:, g])
 
-    obs_sweep(W, Hinv, round_column, block, fit_block)
-    return q, scale, offset
+    obs_sweep(W, Hinv, round_column, block)
+    return q, scale, zero

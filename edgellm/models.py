@@ -165,6 +165,9 @@ def load_model(source: ModelSource, trust_remote_code: bool = False, dtype: str 
     )
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
+    elif Path(source.path).is_dir() and not trust_remote_code:
+        with _hub_errors(source):
+            return load_folder_model(Path(source.path), dtype)
     else:
         kwargs["use_safetensors"] = True
     with _hub_errors(source):
@@ -173,6 +176,21 @@ def load_model(source: ModelSource, trust_remote_code: bool = False, dtype: str 
         drop_gguf_quantizer(model)
     model.eval()
     return model
+
+
+def load_folder_model(folder: Path, dtype: str = "float32"):
+    """A causal LM from a local HF folder edgellm wrote or was given; a GPTQ checkpoint
+    is dequantized (the same weights the GGUF and ONNX exports compute with)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgellm.compress.gptq_format import is_gptq_folder, load_dequantized
+
+    quiet_transformers()
+    if is_gptq_folder(folder):
+        return load_dequantized(Path(folder), getattr(torch, dtype))
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True).eval()
 
 
 def drop_gguf_quantizer(model) -> None:

@@ -54,8 +54,10 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     text_path = resolve_text(recipe.eval.text)
     text, text_sha = read_text(text_path)
     _check_text_length(text, recipe.eval.ctx, text_path)
-    if any(v.export.imatrix for v in recipe.variant):  # fail now, not after the first builds
+    # fail now, not after the first builds: calibration text, step/export combinations
+    if any(v.export.imatrix or v.compress for v in recipe.variant):
         read_text(resolve_text(recipe.calibration.text))
+    check_steps(recipe)
     check_out_dir(out)
     with console.status("reading tokenizer"):
         tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
@@ -78,6 +80,18 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     for path in paths:
         console.print(f"wrote {path}")
     return report
+
+
+def check_steps(recipe: Recipe) -> None:
+    """Each compression step against its variant's export (GPTQ needs the export's grid)."""
+    from edgellm.compress import Context, key_inputs
+
+    for variant in recipe.variant:
+        for step in variant.compress:
+            try:
+                key_inputs(step.model_dump(), Context(recipe.calibration, variant.export))
+            except UserError as exc:
+                raise UserError(f"variant {variant.name}: {exc}") from None
 
 
 def check_out_dir(out: Path) -> None:

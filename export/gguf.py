@@ -14,9 +14,11 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 from safetensors import safe_open
 
 from edgellm.artifacts import atomic_path
+from edgellm.compress.gptq_format import PackedLinear, gptq_config, read_packed
 from edgellm.errors import UserError
 from edgellm.export.gguf_arch import arch_for
 from edgellm.export.gguf_vocab import add_vocab
@@ -45,10 +47,14 @@ GGUF_WEIGHTS = tuple(FLOAT_TYPES) + tuple(QUANT_TYPES)
 def export_gguf(folder: Path, out_path: Path, weights: str, work_dir: Path,
                 imatrix: dict | None = None) -> Path:
     """Write `out_path` in the requested weight type; `work_dir` keeps the f32 intermediate.
-    `imatrix` ({tensor name: mean squared input per column}) guides quantized types."""
+    `imatrix` ({tensor name: mean squared input per column}) guides quantized types.
+    A GPTQ checkpoint whose grid is the requested type's is written block for block."""
     if weights in FLOAT_TYPES:
         write_float_gguf(folder, out_path, weights)
     elif weights in QUANT_TYPES:
+        if gguf_blocks_fit(folder, weights):
+            write_gguf(folder, out_path, GPTQ_FILE_TYPES[weights], _encode_gptq(weights))
+            return out_path
         source = work_dir / "model-f32.gguf"
         if not source.is_file():
             write_float_gguf(folder, source, "f32")
@@ -59,10 +65,21 @@ def export_gguf(folder: Path, out_path: Path, weights: str, work_dir: Path,
 
 
 def write_float_gguf(folder: Path, out_path: Path, weights: str) -> None:
-    """Convert an HF folder (safetensors) to a GGUF file of float tensors."""
+    """Convert an HF folder (safetensors; GPTQ checkpoints dequantized) to float tensors."""
+    file_type, tensor_type = FLOAT_TYPES[weights]
+
+    def encode(_name: str, value):
+        data = value.dequantize().numpy() if isinstance(value, PackedLinear) else value
+        return _encode_float(data, tensor_type)
+
+    write_gguf(folder, out_path, file_type, encode)
+
+
+def write_gguf(folder: Path, out_path: Path, file_type, encode) -> None:
+    """Write an HF folder as GGUF; `encode(hf_name, value)` turns each tensor (a float array,
+    or a PackedLinear of a GPTQ checkpoint) into (array, raw GGML type or None)."""
     config = json.loads((folder / "config.json").read_text())
     arch = arch_for(config)
-    file_type, tensor_type = FLOAT_TYPES[weights]
     name_map = gguf.get_tensor_name_map(arch.arch, config["num_hidden_layers"])
     with atomic_path(out_path) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.arch])
@@ -70,12 +87,14 @@ def write_float_gguf(folder: Path, out_path: Path, weights: str) -> None:
         writer.add_file_type(file_type)
         arch.write_hparams(writer, config)
         add_vocab(writer, folder, config["vocab_size"])
-        for hf_name, data in _hf_tensors(folder, config):
+        for hf_name, value in _hf_tensors(folder, config):
             gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise UserError(f"tensor {hf_name} in {folder} has no GGUF name: unsupported model")
+            data, raw_dtype = encode(hf_name, value)
+            # row transforms (llama's q/k permutation) act on whole rows: packed blocks too
             data = arch.transform(hf_name, data, config)
-            _add_tensor(writer, gguf_name, data, tensor_type)
+            writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -83,24 +102,78 @@ def write_float_gguf(folder: Path, out_path: Path, weights: str) -> None:
 
 
 def _hf_tensors(folder: Path, config: dict):
-    """(name, float32 array) for each stored tensor; a tied lm_head is left out."""
+    """(name, float32 array) for each stored tensor, a tied lm_head left out; a GPTQ
+    checkpoint's quantized linears come as (`….weight`, PackedLinear)."""
     tied = config.get("tie_word_embeddings", False)
+    tensors = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(path, framework="pt") as handle:
             for name in handle.keys():
-                if tied and name == "lm_head.weight":
-                    continue
-                yield name, handle.get_tensor(name).float().numpy()
+                if not (tied and name == "lm_head.weight"):
+                    tensors[name] = handle.get_tensor(name)
+    packed = read_packed(folder, tensors) if gptq_config(config) else {}
+    for name, tensor in tensors.items():
+        prefix, _, part = name.rpartition(".")
+        if prefix in packed:
+            if part == "qweight":
+                yield f"{prefix}.weight", packed[prefix]
+            continue
+        yield name, tensor.float().numpy()
 
 
-def _add_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray, tensor_type) -> None:
+def _encode_float(data: np.ndarray, tensor_type):
     if data.ndim == 1 or tensor_type == gguf.GGMLQuantizationType.F32:
-        writer.add_tensor(name, data.astype(np.float32))
-    elif tensor_type == gguf.GGMLQuantizationType.F16:
-        writer.add_tensor(name, data.astype(np.float16))
+        return data.astype(np.float32), None
+    if tensor_type == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16), None
+    return gguf.quants.quantize(data.astype(np.float32), tensor_type), tensor_type
+
+
+# GPTQ-solved integers go into GGUF blocks as they are (no second rounding)
+GPTQ_FILE_TYPES = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+GPTQ_BLOCKS = {"q4_0": (4, 8), "q8_0": (8, 128)}  # bits, zero point of the block format
+
+
+def gguf_blocks_fit(folder: Path, weights: str) -> bool:
+    """Whether a folder is a GPTQ checkpoint whose grid is exactly `weights`' blocks."""
+    config_path = folder / "config.json"
+    quant = gptq_config(json.loads(config_path.read_text())) if config_path.is_file() else None
+    if quant is None or weights not in GPTQ_BLOCKS:
+        return False
+    bits, _zero = GPTQ_BLOCKS[weights]
+    return int(quant["bits"]) == bits and int(quant["group_size"]) == 32 and bool(quant.get("sym"))
+
+
+def _encode_gptq(weights: str):
+    """Quantized linears as `weights` blocks from their integers; every other matrix in
+    Q8_0 (what llama.cpp gives the tied embedding when the width is not a multiple of 256)
+    and vectors in f32."""
+    bits, zero = GPTQ_BLOCKS[weights]
+
+    def encode(name: str, value):
+        if not isinstance(value, PackedLinear):
+            return _encode_float(value, gguf.GGMLQuantizationType.Q8_0)
+        if not bool((value.zero == zero).all()):
+            raise UserError(f"GPTQ tensor {name} has zero points other than {zero}: it is not on "
+                            f"the {weights} grid; export it as f16 or another type")
+        return pack_blocks(value, weights), gguf.GGMLQuantizationType[weights.upper()]
+
+    return encode
+
+
+def pack_blocks(linear: PackedLinear, weights: str) -> np.ndarray:
+    """GGUF Q4_0/Q8_0 block bytes [rows, blocks·bytes] from integers and f16 scales. Packed
+    here because gguf.quants only quantizes floats; these integers are already chosen.
+    Q4_0 block: f16 d, 16 bytes with q[j] in the low and q[j+16] in the high nibble;
+    Q8_0 block: f16 d, 32 int8."""
+    rows, cols = linear.q.shape
+    q = linear.q.to(torch.int64).numpy().reshape(rows, cols // 32, 32)
+    d = linear.scale.numpy().astype(np.float16).reshape(rows, cols // 32, 1).view(np.uint8)
+    if weights == "q4_0":
+        qs = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
     else:
-        packed = gguf.quants.quantize(data.astype(np.float32), tensor_type)
-        writer.add_tensor(name, packed, raw_dtype=tensor_type)  # shape read from the bytes
+        qs = (q - 128).astype(np.int8).view(np.uint8)
+    return np.concatenate([d, qs], axis=2).reshape(rows, -1)
 
 
 def quantize_gguf(source: Path, out_path: Path, weights: str, threads: int = 0,

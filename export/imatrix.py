@@ -26,7 +26,9 @@ def compute_imatrix(model_dir: Path, text: str, samples: int, seqlen: int,
         with np.load(cache) as stored:
             return {name: stored[name] for name in stored.files}
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from edgellm.models import load_folder_model
 
     config = json.loads((model_dir / "config.json").read_text())
     name_map = gguf.get_tensor_name_map(arch_for(config).arch, config["num_hidden_layers"])
@@ -34,7 +36,7 @@ def compute_imatrix(model_dir: Path, text: str, samples: int, seqlen: int,
     path = resolve_text(text)
     ids = tokenize(tokenizer, read_text(path)[0], samples * seqlen)
     windows = token_windows(ids, seqlen, source=str(path))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load_folder_model(model_dir)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 

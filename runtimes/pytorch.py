@@ -12,16 +12,11 @@ class TorchRuntime:
     name = "torch"
 
     def __init__(self, path: str, threads: int, ctx: int):
-        from transformers import AutoModelForCausalLM
+        from edgellm.models import load_folder_model
 
-        from edgellm.models import quiet_transformers
-
-        quiet_transformers()
         torch.set_num_threads(threads)
         self.version = f"torch {torch.__version__}"
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, use_safetensors=True, local_files_only=True,
-        ).eval()
+        self.model = load_folder_model(path)
 
     @torch.inference_mode()
     def score(self, window: np.ndarray) -> tuple[float, int]:

@@ -1,0 +1,165 @@
+"""GPTQ (Frantar et al. 2022) on CPU, one decoder layer at a time, onto an export grid.
+
+Each decoder layer runs on the calibration activations that the already-quantized layers
+before it produce; hooks accumulate the Hessian of every linear layer's inputs (layers fed
+the same input share one), the shared solver rounds each weight matrix onto the grid of
+the format it will be written in, and the layer's outputs for the next layer are
+recomputed with the quantized weights. The result is a standard GPTQ checkpoint folder
+(compress/gptq_format.py) whose integers the GGUF and ONNX exporters store as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgellm.compress.grids import GGUF_GRIDS, Grid, dequantize, grid_for_export, standalone_grid
+from edgellm.compress.gptq_format import PackedLinear, to_checkpoint
+from edgellm.compress.solver import Hessian, gptq_quantize
+from edgellm.errors import UserError
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bits: Literal[4, 8] | None = None  # in a recipe: taken from the export (q4_0, int4, ...)
+    group_size: int | None = Field(None, gt=0)
+    grid: Literal["q4_0", "q8_0", "nbits"] | None = None  # outside a recipe; nbits by default
+    symmetric: bool = True  # nbits grids outside a recipe (int4 sym g32 is also Q4_0's grid)
+    act_order: bool = True
+    damp: float = Field(0.01, gt=0, lt=1)
+    block: int = Field(128, ge=32)
+
+
+def grid_of(options: Options, context) -> Grid:
+    export = getattr(context, "export", None)
+    if export is not None and export.format != "torch":
+        return grid_for_export(export, options.bits, options.group_size)
+    return standalone_grid(options.grid, options.bits or 4, options.group_size or 32, options.symmetric)
+
+
+def key_inputs(options: Options, context) -> dict:
+    return {"grid": grid_of(options, context).label}
+
+
+def apply(source: Path, dest: Path, options: Options, context) -> None:
+    from rich.progress import Progress
+
+    from edgellm.compress.calibration import calibration_ids
+    from edgellm.compress.layerwise import stream_layers
+
+    grid = grid_of(options, context)
+    if grid.name == "q4_1":
+        raise UserError("GPTQ onto q4_1 is not offered: its float minimum does not fit a GPTQ "
+                        f"checkpoint; use one of {', '.join(g for g in GGUF_GRIDS if g != 'q4_1')}")
+    cal = context.calibration
+    ids = calibration_ids(source, cal.text, cal.samples, cal.seqlen)
+
+    def process(index: int, layer: torch.nn.Module, inputs) -> dict[str, torch.Tensor]:
+        return quantize_layer(layer, inputs, grid, options, f"model.layers.{index}")
+
+    with Progress(console=context.console, transient=True) as progress:
+        progress.console.print(f"gptq: {grid.label} on {len(ids)}×{ids.shape[1]} calibration tokens")
+        stream_layers(source, dest, ids, process, progress)
+    write_quant_config(dest, grid, options)
+
+
+def linear_layers(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    return {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@torch.no_grad()
+def collect_hessians(layer: torch.nn.Module, inputs) -> dict[str, Hessian]:
+    """Run the layer over the calibration activations once; one Hessian per distinct input
+    (q/k/v share the normed hidden states, gate/up share theirs)."""
+    linears = linear_layers(layer)
+    hessians: dict[str, Hessian] = {}
+    # id of an input tensor within one forward call → (the tensor, kept alive so its id is
+    # not reused by another tensor in the same call, and its Hessian)
+    seen: dict[int, tuple[torch.Tensor, Hessian]] = {}
+
+    def reset(*_):
+        seen.clear()
+
+    def hook_for(name):
+        def hook(_module, args):
+            x = args[0]
+            if id(x) not in seen:
+                seen[id(x)] = (x, hessians.get(name) or Hessian(x.shape[-1]))
+                seen[id(x)][1].add(x)
+            hessians[name] = seen[id(x)][1]
+        return hook
+
+    handles = [layer.register_forward_pre_hook(reset)]
+    handles += [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
+    try:
+        inputs.run(layer)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+def quantize_layer(layer: torch.nn.Module, inputs, grid: Grid, options: Options,
+                   prefix: str) -> dict[str, torch.Tensor]:
+    """GPTQ every linear of one decoder layer in place; return the layer's tensors to store
+    (checkpoint parts for the linears, the rest as they are)."""
+    linears = linear_layers(layer)
+    for name, module in linears.items():
+        if module.in_features % grid.group:
+            raise UserError(f"GPTQ group size {grid.group} does not divide {prefix}.{name}'s "
+                            f"{module.in_features} inputs: choose a group size that does")
+    hessians = collect_hessians(layer, inputs)
+    stored = {}
+    for names in _sharing_groups(hessians):
+        weights = torch.cat([linears[n].weight.data for n in names])
+        q, scale, zero = gptq_quantize(weights, hessians[names[0]].matrix(), grid,
+                                       options.act_order, options.damp, options.block)
+        start = 0
+        for name in names:
+            rows = linears[name].out_features
+            part = slice(start, start + rows)
+            start += rows
+            linears[name].weight.data = dequantize(grid, q[part], scale[part], zero[part])
+            packed = PackedLinear(_unsigned(grid, q[part]), scale[part], _unsigned_zero(grid, zero[part]),
+                                  grid.bits, grid.group)
+            for key, tensor in to_checkpoint(packed).items():
+                stored[f"{name}.{key}"] = tensor
+    for name, tensor in layer.state_dict().items():
+        if name.rsplit(".", 1)[0] not in linears:
+            stored[name] = tensor
+    return stored
+
+
+def _sharing_groups(hessians: dict[str, Hessian]) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, hessian in hessians.items():
+        groups.setdefault(id(hessian), []).append(name)
+    return list(groups.values())
+
+
+def _unsigned(grid: Grid, q: torch.Tensor) -> torch.Tensor:
+    """GPTQ checkpoints store unsigned integers: q8_0's −127..127 moves up by 128."""
+    return q + 128 if grid.name == "q8_0" else q
+
+
+def _unsigned_zero(grid: Grid, zero: torch.Tensor) -> torch.Tensor:
+    return zero + 128 if grid.name == "q8_0" else zero
+
+
+def write_quant_config(dest: Path, grid: Grid, options: Options) -> None:
+    """Mark the folder a GPTQ checkpoint (v1 format) as GPTQModel and transformers expect;
+    `edgellm_grid` records which export grid the integers were solved on."""
+    path = Path(dest) / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"] = {
+        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": grid.bits,
+        "group_size": grid.group, "sym": grid.symmetric, "desc_act": False,
+        "static_groups": options.act_order, "true_sequential": False,
+        "damp_percent": options.damp, "edgellm_grid": grid.label,
+    }
+    path.write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,163 @@
+"""The standard GPTQ checkpoint format: read and write `qweight`, `qzeros`, `scales`, `g_idx`.
+
+The layout is the one auto-gptq defined and GPTQModel, transformers/optimum and the
+onnxruntime-genai builder read (`checkpoint_format: "gptq"`):
+  qweight  int32 [in / (32/bits), out]    q packed along the input dimension, low bits first
+  qzeros   int32 [groups, out / (32/bits)] zero points minus one (the format's historical
+                                           offset; a zero of 0 wraps to 2^bits - 1), packed
+  scales   float16 [groups, out]
+  g_idx    int32 [in]                      the group of each input column
+and w[o, i] = scales[g, o] · (q[i, o] − zero[g, o]) with g = g_idx[i].
+Written by hand: GPTQModel would pull its own torch pin just to pack integers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgellm.errors import UserError
+
+PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+@dataclass
+class PackedLinear:
+    """One quantized linear layer: q [out, in] integers, scale/zero [out, groups]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group: int
+
+    def dequantize(self) -> torch.Tensor:
+        """(q − zero)·scale in float32, what GGUF and MatMulNBits compute."""
+        scale = self.scale.float().repeat_interleave(self.group, dim=1)
+        zero = self.zero.float().repeat_interleave(self.group, dim=1)
+        return (self.q.float() - zero) * scale
+
+
+def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned `bits`-bit integers [n, m] into int32 [n·bits/32, m], low bits first."""
+    per = 32 // bits
+    values = values.astype(np.uint32).reshape(-1, per, values.shape[1])
+    packed = np.zeros((values.shape[0], values.shape[2]), dtype=np.uint32)
+    for k in range(per):
+        packed |= values[:, k] << np.uint32(bits * k)
+    return packed.view(np.int32)
+
+
+def unpack_rows(packed: np.ndarray, bits: int) -> np.ndarray:
+    per = 32 // bits
+    packed = packed.view(np.uint32)
+    mask = np.uint32((1 << bits) - 1)
+    parts = [(packed >> np.uint32(bits * k)) & mask for k in range(per)]
+    return np.stack(parts, axis=1).reshape(-1, packed.shape[1]).astype(np.int64)
+
+
+def to_checkpoint(linear: PackedLinear) -> dict[str, torch.Tensor]:
+    """The four checkpoint tensors of one layer (names relative to the layer)."""
+    bits, mask = linear.bits, (1 << linear.bits) - 1
+    q = linear.q.to(torch.int64).T.numpy()  # [in, out]
+    zeros = ((linear.zero.to(torch.int64) - 1) & mask).T.numpy()  # [groups, out]
+    cols = q.shape[0]
+    return {
+        "qweight": torch.from_numpy(pack_rows(q, bits)),
+        "qzeros": torch.from_numpy(np.ascontiguousarray(pack_rows(zeros.T, bits).T)),
+        "scales": linear.scale.T.to(torch.float16).contiguous(),
+        "g_idx": torch.arange(cols, dtype=torch.int32) // linear.group,
+    }
+
+
+def from_checkpoint(parts: dict[str, torch.Tensor], bits: int, group: int, where: str) -> PackedLinear:
+    """One layer from its checkpoint tensors; refuses a g_idx that is not contiguous groups
+    (act-order checkpoints without static groups) since no export grid can hold it."""
+    mask = (1 << bits) - 1
+    q = unpack_rows(parts["qweight"].numpy(), bits)  # [in, out]
+    zeros = unpack_rows(np.ascontiguousarray(parts["qzeros"].numpy().T), bits).T  # [groups, out]
+    cols = q.shape[0]
+    g_idx = parts["g_idx"].to(torch.int64) if "g_idx" in parts else None
+    if g_idx is not None and not torch.equal(g_idx, torch.arange(cols) // group):
+        raise UserError(f"GPTQ tensor {where}.g_idx reorders input columns (act-order without "
+                        "static groups): export needs contiguous groups; requantize with static groups")
+    zero = (torch.from_numpy(zeros) + 1) & mask
+    return PackedLinear(torch.from_numpy(q).T.contiguous(), parts["scales"].float().T.contiguous(),
+                        zero.T.contiguous().float(), bits, group)
+
+
+def gptq_config(config: dict) -> dict | None:
+    """The quantization_config of a GPTQ checkpoint's config.json, or None."""
+    quant = config.get("quantization_config") or {}
+    return quant if quant.get("quant_method") == "gptq" else None
+
+
+def is_gptq_folder(folder: Path) -> bool:
+    path = Path(folder) / "config.json"
+    return path.is_file() and gptq_config(json.loads(path.read_text())) is not None
+
+
+def read_packed(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str, PackedLinear]:
+    """{linear name: PackedLinear} from a checkpoint's tensors (all of them, by name)."""
+    config = gptq_config(json.loads((Path(folder) / "config.json").read_text()))
+    bits, group = int(config["bits"]), int(config["group_size"])
+    if config.get("checkpoint_format", "gptq") != "gptq":
+        raise UserError(f"GPTQ checkpoint {folder} has checkpoint_format "
+                        f"'{config['checkpoint_format']}': edgellm reads 'gptq' (v1) checkpoints")
+    prefixes = {name.rsplit(".", 1)[0] for name in tensors if name.endswith(".qweight")}
+    layers = {}
+    for prefix in sorted(prefixes):
+        missing = [p for p in ("qweight", "qzeros", "scales") if f"{prefix}.{p}" not in tensors]
+        if missing:
+            raise UserError(f"GPTQ checkpoint {folder} lacks {prefix}.{missing[0]}: the folder is "
+                            "incomplete; download or write it again")
+        parts = {p: tensors[f"{prefix}.{p}"] for p in PARTS if f"{prefix}.{p}" in tensors}
+        layers[prefix] = from_checkpoint(parts, bits, group, prefix)
+    return layers
+
+
+def dequantized_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a GPTQ checkpoint folder as float weights, under the plain names a
+    transformers model expects (`…q_proj.weight` instead of its four parts)."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(path))
+    state = {}
+    for prefix, linear in read_packed(folder, tensors).items():
+        state[f"{prefix}.weight"] = linear.dequantize()
+    quantized = {name.rsplit(".", 1)[0] for name in tensors if name.endswith(".qweight")}
+    for name, tensor in tensors.items():
+        if name.rsplit(".", 1)[0] not in quantized:
+            state[name] = tensor.float() if tensor.is_floating_point() else tensor
+    return state
+
+
+def load_dequantized(folder: Path, dtype=torch.float32):
+    """A transformers model from a GPTQ checkpoint folder, weights dequantized: the torch
+    reference of what the exports compute (no GPTQ kernels needed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.to_empty(device="cpu")
+    state = dequantized_state(folder)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        name = (missing or unexpected)[0]
+        raise UserError(f"GPTQ checkpoint {folder} does not match its config ({name}): "
+                        "the folder is incomplete or from another model")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    # buffers made on meta (rotary frequencies) are recomputed on the CPU
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return model.to(dtype).eval()

@@ -1,0 +1,203 @@
+"""GPTQ: the solver beats round-to-nearest on the same grid, checkpoints pack and unpack
+exactly, and the GGUF exporter stores the solver's integers bit for bit."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from edgellm.compress.grids import Grid, dequantize
+from edgellm.compress.gptq_format import (PackedLinear, dequantized_state, from_checkpoint, pack_rows,
+                                          to_checkpoint, unpack_rows)
+from edgellm.compress.solver import Hessian, gptq_quantize
+from edgellm.recipe import CalibrationSpec
+from tests.conftest import run_cli, shared_text
+
+Q4_0 = Grid("q4_0", 4, 32, True)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_rows_round_trips(bits):
+    values = np.random.default_rng(0).integers(0, 1 << bits, size=(64, 24))
+    packed = pack_rows(values, bits)
+    assert packed.dtype == np.int32 and packed.shape == (64 * bits // 32, 24)
+    assert np.array_equal(unpack_rows(packed, bits), values)
+
+
+def test_checkpoint_round_trips_zero_points_including_zero():
+    rng = np.random.default_rng(1)
+    q = torch.from_numpy(rng.integers(0, 16, size=(16, 64))).float()
+    zero = torch.from_numpy(rng.integers(0, 16, size=(16, 2))).float()
+    zero[0, 0] = 0  # stored as -1: wraps to 15 in the v1 format
+    scale = torch.rand(16, 2).half().float()
+    linear = PackedLinear(q, scale, zero, 4, 32)
+    back = from_checkpoint(to_checkpoint(linear), 4, 32, "t")
+    assert torch.equal(back.q, q) and torch.equal(back.zero, zero) and torch.equal(back.scale, scale)
+
+
+def _correlated_problem(rows=48, cols=128, samples=2048, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=gen) / cols**0.5
+    x = torch.randn(samples, cols, generator=gen) @ mix + 0.1 * torch.randn(samples, cols, generator=gen)
+    x[:, :4] *= 20  # a few outlier inputs, as real activations have
+    w = torch.randn(rows, cols, generator=gen)
+    hessian = Hessian(cols)
+    hessian.add(x)
+    return w, x, hessian.matrix()
+
+
+def _rtn(w: torch.Tensor, grid: Grid) -> torch.Tensor:
+    blocks = w.reshape(w.shape[0], -1, grid.group)
+    out = torch.empty_like(blocks)
+    for g in range(blocks.shape[1]):
+        scale, zero = grid.fit(blocks[:, g])
+        out[:, g] = grid.value(grid.quantize(blocks[:, g], scale, zero), scale[:, None], zero[:, None])
+    return out.reshape(w.shape)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("grid", [Q4_0, Grid("nbits", 4, 32, False), Grid("q8_0", 8, 32, True)],
+                         ids=lambda g: g.label)
+def test_gptq_output_error_beats_round_to_nearest_on_the_same_grid(grid, act_order):
+    w, x, H = _correlated_problem()
+    q, scale, zero = gptq_quantize(w, H, grid, act_order=act_order)
+    assert q.min() >= grid.qmin and q.max() <= grid.qmax and torch.equal(q, q.round())
+    assert torch.equal(scale, scale.half().float())  # scales as the file stores them
+    solved = dequantize(grid, q, scale, zero)
+    gptq_error = ((x @ (solved - w).T) ** 2).mean()
+    rtn_error = ((x @ (_rtn(w, grid) - w).T) ** 2).mean()
+    assert gptq_error < 0.8 * rtn_error
+
+
+def _gptq_folder(tiny_llama, tmp_path, **options):
+    from edgellm.compress import Context, apply_step
+
+    dest = tmp_path / "gptq"
+    dest.mkdir()
+    calibration = CalibrationSpec(text=str(shared_text("wikitext-2-valid.txt")), samples=4, seqlen=64)
+    apply_step({"method": "gptq", **options}, tiny_llama, dest, Context(calibration=calibration))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def tiny_gptq(tiny_llama, tmp_path_factory):
+    return _gptq_folder(tiny_llama, tmp_path_factory.mktemp("gptq"), grid="q4_0")
+
+
+def test_gptq_folder_is_a_standard_checkpoint(tiny_gptq):
+    import json
+
+    from safetensors.torch import load_file
+
+    config = json.loads((tiny_gptq / "config.json").read_text())
+    quant = config["quantization_config"]
+    assert quant["quant_method"] == "gptq" and quant["bits"] == 4 and quant["group_size"] == 32
+    tensors = {}
+    for path in tiny_gptq.glob("*.safetensors"):
+        tensors.update(load_file(path))
+    assert tensors["model.layers.0.self_attn.q_proj.qweight"].dtype == torch.int32
+    assert tensors["model.layers.1.mlp.down_proj.g_idx"].shape == (128,)
+    assert "model.layers.0.self_attn.q_proj.weight" not in tensors
+    assert "model.embed_tokens.weight" in tensors  # tied embedding left in float
+
+
+def test_gptq_model_runs_in_torch_close_to_the_original(tiny_llama, tiny_gptq):
+    from edgellm.models import load_folder_model
+
+    ids = torch.arange(3, 60)[None]
+    with torch.no_grad():
+        original = load_folder_model(tiny_llama)(ids).logits
+        quantized = load_folder_model(tiny_gptq)(ids).logits
+    assert not torch.equal(original, quantized)
+    # a random tiny model amplifies 4-bit noise; quality is judged on SmolLM2 (e2e test)
+    assert torch.nn.functional.cosine_similarity(original.flatten(), quantized.flatten(), dim=0) > 0.75
+
+
+def test_gguf_q4_0_holds_the_solvers_weights_bit_for_bit(tiny_gptq, tmp_path):
+    import gguf
+
+    from edgellm.export.gguf import export_gguf
+    from edgellm.export.gguf_arch import llama_rope_permute
+
+    path = export_gguf(tiny_gptq, tmp_path / "model.gguf", "q4_0", tmp_path)
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    solved = dequantized_state(tiny_gptq)
+    checked = 0
+    for layer in range(2):
+        for hf, name, permute in [("self_attn.q_proj", "attn_q", 4), ("self_attn.k_proj", "attn_k", 2),
+                                  ("self_attn.v_proj", "attn_v", 0), ("mlp.down_proj", "ffn_down", 0)]:
+            tensor = tensors[f"blk.{layer}.{name}.weight"]
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_0
+            stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            expected = solved[f"model.layers.{layer}.{hf}.weight"].numpy()
+            if permute:
+                expected = llama_rope_permute(expected, permute)
+            assert np.array_equal(stored, expected), tensor.name
+            checked += 1
+    assert checked == 8
+    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+
+
+def test_gguf_from_gptq_scores_like_torch(tiny_gptq, tmp_path):
+    from edgellm.export.gguf import export_gguf
+    from edgellm.runtimes import open_runtime
+
+    path = export_gguf(tiny_gptq, tmp_path / "model.gguf", "q4_0", tmp_path)
+    window = np.arange(3, 120) % 290
+    torch_nll, n = open_runtime("torch", str(tiny_gptq), 1, 128).score(window)
+    gguf_nll, m = open_runtime("gguf", str(path), 1, 128).score(window)
+    assert n == m
+    # llama.cpp multiplies Q4_0 by 8-bit-quantized activations: close, not equal
+    assert abs(gguf_nll / n - torch_nll / n) < 0.05 * abs(torch_nll / n)
+
+
+def test_missing_checkpoint_tensor_is_one_line_exit_2(tiny_gptq, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_gptq, broken)
+    for path in broken.glob("*.safetensors"):
+        tensors = load_file(path)
+        tensors.pop("model.layers.1.mlp.up_proj.scales", None)
+        save_file(tensors, path, metadata={"format": "pt"})
+    result = run_cli("export", broken, "--to", "gguf", "--weights", "q4_0", "--out", tmp_path / "o")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "up_proj.scales" in lines[0]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("bits=3", "bits"),
+    ("group_size=48", "group_size"),
+    ("group_size=256", "does not divide"),
+])
+def test_bad_gptq_options_are_one_line_exit_2(tiny_llama, tmp_path, setting, message):
+    result = run_cli("compress", tiny_llama, "--method", "gptq", "--set", setting,
+                     "--samples", "2", "--seqlen", "32", "--out", tmp_path / "o")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_calibration_too_short_is_one_line_exit_2(tiny_llama, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words of calibration text here\n")
+    result = run_cli("compress", tiny_llama, "--method", "gptq", "--calibration", short,
+                     "--samples", "8", "--seqlen", "64", "--out", tmp_path / "o")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "short.txt" in lines[0] and "tokens" in lines[0], lines
+
+
+def test_grid_of_a_recipe_export_is_the_exports():
+    from edgellm.compress.gptq import Options, grid_of
+    from edgellm.recipe import ExportSpec
+
+    context = SimpleNamespace(export=ExportSpec(format="onnx", weights="int4", block_size=64))
+    assert grid_of(Options(), context).label == "nbits4-g64-asym"
+    context = SimpleNamespace(export=ExportSpec(format="gguf", weights="q4_0"))
+    assert grid_of(Options(), context).label == "q4_0"
