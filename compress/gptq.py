@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgellm.compress.grids import GGUF_GRIDS, Grid, dequantize, grid_for_export, standalone_grid
 from edgellm.compress.gptq_format import PackedLinear, to_checkpoint
-from edgellm.compress.solver import Hessian, gptq_quantize
+from edgellm.compress.solver import SHRINKS, Hessian, gptq_quantize
 from edgellm.errors import UserError
 
 
@@ -28,9 +28,10 @@ class Options(BaseModel):
 
     bits: Literal[4, 8] | None = None  # in a recipe: taken from the export (q4_0, int4, ...)
     group_size: int | None = Field(None, gt=0)
-    grid: Literal["q4_0", "q8_0", "nbits"] | None = None  # outside a recipe; nbits by default
+    grid: Literal["q4_0", "q5_0", "q8_0", "nbits"] | None = None  # outside a recipe; nbits by default
     symmetric: bool = True  # nbits grids outside a recipe (int4 sym g32 is also Q4_0's grid)
     act_order: bool = True
+    clip_search: bool = True  # choose each block's scale by weighted rounding error
     damp: float = Field(0.01, gt=0, lt=1)
     block: int = Field(128, ge=32)
 
@@ -38,8 +39,14 @@ class Options(BaseModel):
 def grid_of(options: Options, context) -> Grid:
     export = getattr(context, "export", None)
     if export is not None and export.format != "torch":
-        return grid_for_export(export, options.bits, options.group_size)
-    return standalone_grid(options.grid, options.bits or 4, options.group_size or 32, options.symmetric)
+        grid = grid_for_export(export, options.bits, options.group_size)
+    else:
+        grid = standalone_grid(options.grid, options.bits or 4, options.group_size or 32,
+                               options.symmetric)
+    if grid.name == "q4_1":
+        raise UserError("GPTQ onto q4_1 is not offered: its float minimum does not fit a GPTQ "
+                        f"checkpoint; use one of {', '.join(g for g in GGUF_GRIDS if g != 'q4_1')}")
+    return grid
 
 
 def key_inputs(options: Options, context) -> dict:
@@ -53,9 +60,6 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
     from edgellm.compress.layerwise import stream_layers
 
     grid = grid_of(options, context)
-    if grid.name == "q4_1":
-        raise UserError("GPTQ onto q4_1 is not offered: its float minimum does not fit a GPTQ "
-                        f"checkpoint; use one of {', '.join(g for g in GGUF_GRIDS if g != 'q4_1')}")
     cal = context.calibration
     ids = calibration_ids(source, cal.text, cal.samples, cal.seqlen)
 
@@ -118,7 +122,8 @@ def quantize_layer(layer: torch.nn.Module, inputs, grid: Grid, options: Options,
     for names in _sharing_groups(hessians):
         weights = torch.cat([linears[n].weight.data for n in names])
         q, scale, zero = gptq_quantize(weights, hessians[names[0]].matrix(), grid,
-                                       options.act_order, options.damp, options.block)
+                                       options.act_order, options.damp, options.block,
+                                       SHRINKS if options.clip_search else (1.0,))
         start = 0
         for name in names:
             rows = linears[name].out_features
@@ -126,7 +131,7 @@ def quantize_layer(layer: torch.nn.Module, inputs, grid: Grid, options: Options,
             start += rows
             linears[name].weight.data = dequantize(grid, q[part], scale[part], zero[part])
             packed = PackedLinear(_unsigned(grid, q[part]), scale[part], _unsigned_zero(grid, zero[part]),
-                                  grid.bits, grid.group)
+                                  grid.storage_bits, grid.group)
             for key, tensor in to_checkpoint(packed).items():
                 stored[f"{name}.{key}"] = tensor
     for name, tensor in layer.state_dict().items():
@@ -157,8 +162,9 @@ def write_quant_config(dest: Path, grid: Grid, options: Options) -> None:
     path = Path(dest) / "config.json"
     config = json.loads(path.read_text())
     config["quantization_config"] = {
-        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": grid.bits,
-        "group_size": grid.group, "sym": grid.symmetric, "desc_act": False,
+        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": grid.storage_bits,
+        "group_size": grid.group, "sym": grid.symmetric and grid.bits == grid.storage_bits,
+        "desc_act": False,
         "static_groups": options.act_order, "true_sequential": False,
         "damp_percent": options.damp, "edgellm_grid": grid.label,
     }

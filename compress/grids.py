@@ -7,6 +7,7 @@ will be written in, so the exporter stores the solver's integers as they are.
 
   q4_0        GGUF Q4_0: blocks of 32, scale = signed absmax / -8, q in 0..15, w = d·(q-8)
   q4_1        GGUF Q4_1: blocks of 32, scale = (max-min)/15 and min, w = d·q + m
+  q5_0        GGUF Q5_0: blocks of 32, scale = signed absmax / -16, q in 0..31, w = d·(q-16)
   q8_0        GGUF Q8_0: blocks of 32, scale = absmax / 127, q in -127..127
   nbits       ONNX MatMulNBits (and the standard GPTQ checkpoint): 4 or 8 bits, blocks of
               16..256, with zero points (asymmetric, zero in the grid) or symmetric
@@ -21,14 +22,14 @@ import torch
 
 from edgellm.errors import UserError
 
-GGUF_GRIDS = ("q4_0", "q4_1", "q8_0")
+GGUF_GRIDS = {"q4_0": (4, True), "q4_1": (4, False), "q5_0": (5, True), "q8_0": (8, True)}
 NBITS_BITS = (4, 8)
 NBITS_GROUPS = (16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
 class Grid:
-    name: str  # q4_0, q4_1, q8_0, nbits
+    name: str  # q4_0, q4_1, q5_0, q8_0, nbits
     bits: int
     group: int
     symmetric: bool
@@ -47,10 +48,37 @@ class Grid:
             return self.name
         return f"nbits{self.bits}-g{self.group}-{'sym' if self.symmetric else 'asym'}"
 
-    def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero) per row for a [rows, group] block, as the file stores them: scale is
-        f16-representable; zero is the integer zero point (q4_1: the f16 block minimum)."""
-        w = w.float()
+    @property
+    def storage_bits(self) -> int:
+        """Bits per integer in a GPTQ checkpoint: 4, or 8 for wider grids (q5_0's 0..31
+        travel in the 8-bit layout with zero point 16, a valid 8-bit checkpoint)."""
+        return 4 if self.bits == 4 else 8
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None,
+            shrinks: tuple[float, ...] = (1.0,)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) per row for a [rows, group] block. With several `shrinks`, the range
+        is narrowed by each factor in turn (clipping outliers) and each row keeps the one
+        with the least rounding error, weighted per column by `importance` (the Hessian
+        diagonal: how much each input matters). The format stores any scale, so this is
+        still exactly its grid."""
+        best = None
+        for shrink in shrinks:
+            scale, zero = self._fit_range(w.float() * shrink)
+            error = (self.value(self.quantize(w, scale, zero), scale[:, None], zero[:, None]) - w) ** 2
+            if importance is not None:
+                error = error * importance[None, :]
+            error = error.sum(dim=1)
+            if best is None:
+                best = (error, scale, zero)
+            else:
+                better = error < best[0]
+                best = (torch.where(better, error, best[0]), torch.where(better, scale, best[1]),
+                        torch.where(better, zero, best[2]))
+        return best[1], best[2]
+
+    def _fit_range(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) covering the block's full range: scale is f16-representable; zero
+        is the integer zero point (q4_1: the f16 block minimum)."""
         if self.name == "q4_1":
             low, high = w.min(dim=1).values, w.max(dim=1).values
             return _f16((high - low) / self.qmax), _f16(low)
@@ -107,8 +135,7 @@ def grid_for_export(export, bits: int | None, group_size: int | None) -> Grid:
         if export.weights not in GGUF_GRIDS:
             raise UserError(f"GPTQ writes GGUF {', '.join(GGUF_GRIDS)} blocks, not "
                             f"'{export.weights}': choose one of those weights")
-        grid = Grid(export.weights, 8 if export.weights == "q8_0" else 4, 32,
-                    export.weights != "q4_1")
+        grid = gguf_grid(export.weights)
     elif export.format in ("onnx", "ort"):
         if export.weights not in ("int4", "int8"):
             raise UserError(f"GPTQ writes ONNX int4/int8 (MatMulNBits), not '{export.weights}'")
@@ -124,10 +151,15 @@ def grid_for_export(export, bits: int | None, group_size: int | None) -> Grid:
     return grid
 
 
+def gguf_grid(name: str) -> Grid:
+    bits, symmetric = GGUF_GRIDS[name]
+    return Grid(name, bits, 32, symmetric)
+
+
 def standalone_grid(name: str | None, bits: int, group_size: int, symmetric: bool) -> Grid:
     """The grid for a GPTQ run outside a recipe: a named GGUF grid, or MatMulNBits/GPTQ."""
     if name in GGUF_GRIDS:
-        return Grid(name, 8 if name == "q8_0" else 4, 32, name != "q4_1")
+        return gguf_grid(name)
     if bits not in NBITS_BITS:
         raise UserError(f"GPTQ bits={bits} is not in the grid registry: use 4 or 8")
     if group_size not in NBITS_GROUPS:

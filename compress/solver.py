@@ -79,15 +79,21 @@ def obs_sweep(W: torch.Tensor, Hinv: torch.Tensor, rule: ColumnRule, block: int 
     return W
 
 
+# range factors tried per block when fitting scales (see Grid.fit)
+SHRINKS = tuple(1 - 0.03 * k for k in range(11))
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, act_order: bool = True,
-                  damp: float = 0.01, block: int = 128):
+                  damp: float = 0.01, block: int = 128, shrinks: tuple[float, ...] = SHRINKS):
     """GPTQ onto `grid`: returns (q, scale, zero) with q [rows, cols] integers (as float)
     and scale/zero [rows, cols/group], such that dequantize(grid, q, scale, zero) is the
     solved weight. Groups are always the format's blocks of consecutive input columns; with
     act_order the columns are solved in order of decreasing H diagonal and each block's
     scale is fixed from the weights before solving (static groups), so the grid stays the
-    file's."""
+    file's. Each block's scale is chosen among `shrinks` of its range by the rounding
+    error weighted with the Hessian diagonal."""
     rows, cols = W.shape
+    importance = torch.diag(H).float()
     group = grid.group
     block = max(block, group) // group * group  # whole groups per lazy block
     W = W.clone().float()
@@ -98,7 +104,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, act_order: bool 
     if act_order:
         order = torch.argsort(torch.diag(H), descending=True)
         for g in range(cols // group):
-            scale[:, g], zero[:, g] = grid.fit(W[:, g * group:(g + 1) * group])
+            cols_g = slice(g * group, (g + 1) * group)
+            scale[:, g], zero[:, g] = grid.fit(W[:, cols_g], importance[cols_g], shrinks)
     else:
         order = torch.arange(cols)
     Hinv, _ = inverse_factor(H[order][:, order], damp)
@@ -109,7 +116,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, act_order: bool 
         g = col // group
         if not act_order and i % group == 0:  # fit each group as its first column comes up
             local = i % block
-            scale[:, g], zero[:, g] = grid.fit(W1[:, local:local + group])
+            scale[:, g], zero[:, g] = grid.fit(W1[:, local:local + group],
+                                               importance[order[i:i + group]], shrinks)
         q[:, col] = grid.quantize(w, scale[:, g], zero[:, g])
         return grid.value(q[:, col], scale[:, g], zero[:, g])
 

@@ -53,7 +53,7 @@ def export_gguf(folder: Path, out_path: Path, weights: str, work_dir: Path,
         write_float_gguf(folder, out_path, weights)
     elif weights in QUANT_TYPES:
         if gguf_blocks_fit(folder, weights):
-            write_gguf(folder, out_path, GPTQ_FILE_TYPES[weights], _encode_gptq(weights))
+            write_gguf(folder, out_path, GPTQ_BLOCKS[weights][0], _encode_gptq(weights))
             return out_path
         source = work_dir / "model-f32.gguf"
         if not source.is_file():
@@ -129,51 +129,65 @@ def _encode_float(data: np.ndarray, tensor_type):
     return gguf.quants.quantize(data.astype(np.float32), tensor_type), tensor_type
 
 
-# GPTQ-solved integers go into GGUF blocks as they are (no second rounding)
-GPTQ_FILE_TYPES = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-GPTQ_BLOCKS = {"q4_0": (4, 8), "q8_0": (8, 128)}  # bits, zero point of the block format
+# GPTQ-solved integers go into GGUF blocks as they are (no second rounding):
+# weights → (file type, checkpoint bits, zero point, largest integer)
+GPTQ_BLOCKS = {
+    "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, 4, 8, 15),
+    "q5_0": (gguf.LlamaFileType.MOSTLY_Q5_0, 8, 16, 31),  # 8-bit checkpoint layout
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, 8, 128, 255),
+}
 
 
 def gguf_blocks_fit(folder: Path, weights: str) -> bool:
-    """Whether a folder is a GPTQ checkpoint whose grid is exactly `weights`' blocks."""
+    """Whether a folder is a GPTQ checkpoint solved on `weights`' grid (edgellm records
+    it; for other checkpoints: 4-bit symmetric blocks of 32 are Q4_0's grid, 8-bit Q8_0's)."""
     config_path = folder / "config.json"
     quant = gptq_config(json.loads(config_path.read_text())) if config_path.is_file() else None
     if quant is None or weights not in GPTQ_BLOCKS:
         return False
-    bits, _zero = GPTQ_BLOCKS[weights]
-    return int(quant["bits"]) == bits and int(quant["group_size"]) == 32 and bool(quant.get("sym"))
+    if "edgellm_grid" in quant:
+        return quant["edgellm_grid"] in (weights, {"q4_0": "nbits4-g32-sym"}.get(weights))
+    _, bits, _, _ = GPTQ_BLOCKS[weights]
+    return (weights != "q5_0" and int(quant["bits"]) == bits and int(quant["group_size"]) == 32
+            and bool(quant.get("sym")))
 
 
 def _encode_gptq(weights: str):
     """Quantized linears as `weights` blocks from their integers; every other matrix in
     Q8_0 (what llama.cpp gives the tied embedding when the width is not a multiple of 256)
     and vectors in f32."""
-    bits, zero = GPTQ_BLOCKS[weights]
+    _, bits, zero, top = GPTQ_BLOCKS[weights]
 
     def encode(name: str, value):
         if not isinstance(value, PackedLinear):
             return _encode_float(value, gguf.GGMLQuantizationType.Q8_0)
-        if not bool((value.zero == zero).all()):
-            raise UserError(f"GPTQ tensor {name} has zero points other than {zero}: it is not on "
-                            f"the {weights} grid; export it as f16 or another type")
+        if value.bits != bits or value.group != 32 or not bool((value.zero == zero).all()) \
+                or value.q.max() > top:
+            raise UserError(f"GPTQ tensor {name} is not on the {weights} grid: export it as "
+                            "f16 or another type")
         return pack_blocks(value, weights), gguf.GGMLQuantizationType[weights.upper()]
 
     return encode
 
 
 def pack_blocks(linear: PackedLinear, weights: str) -> np.ndarray:
-    """GGUF Q4_0/Q8_0 block bytes [rows, blocks·bytes] from integers and f16 scales. Packed
-    here because gguf.quants only quantizes floats; these integers are already chosen.
-    Q4_0 block: f16 d, 16 bytes with q[j] in the low and q[j+16] in the high nibble;
-    Q8_0 block: f16 d, 32 int8."""
+    """GGUF block bytes [rows, blocks·bytes] from integers and f16 scales. Packed here
+    because gguf.quants only quantizes floats; these integers are already chosen.
+      Q4_0: f16 d, 16 bytes: q[j] in the low, q[j+16] in the high nibble
+      Q5_0: f16 d, 32-bit qh holding bit 4 of q[j] at bit j, then the low nibbles as Q4_0
+      Q8_0: f16 d, 32 int8 (q − 128)"""
     rows, cols = linear.q.shape
     q = linear.q.to(torch.int64).numpy().reshape(rows, cols // 32, 32)
     d = linear.scale.numpy().astype(np.float16).reshape(rows, cols // 32, 1).view(np.uint8)
+    if weights == "q8_0":
+        return np.concatenate([d, (q - 128).astype(np.int8).view(np.uint8)], axis=2).reshape(rows, -1)
+    low = q & 0xF
+    qs = (low[..., :16] | (low[..., 16:] << 4)).astype(np.uint8)
     if weights == "q4_0":
-        qs = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
-    else:
-        qs = (q - 128).astype(np.int8).view(np.uint8)
-    return np.concatenate([d, qs], axis=2).reshape(rows, -1)
+        return np.concatenate([d, qs], axis=2).reshape(rows, -1)
+    high = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+    qh = high.sum(axis=2, dtype=np.uint32).astype("<u4")[..., None].view(np.uint8)
+    return np.concatenate([d, qh, qs], axis=2).reshape(rows, -1)
 
 
 def quantize_gguf(source: Path, out_path: Path, weights: str, threads: int = 0,

@@ -114,13 +114,15 @@ def test_gptq_model_runs_in_torch_close_to_the_original(tiny_llama, tiny_gptq):
     assert torch.nn.functional.cosine_similarity(original.flatten(), quantized.flatten(), dim=0) > 0.75
 
 
-def test_gguf_q4_0_holds_the_solvers_weights_bit_for_bit(tiny_gptq, tmp_path):
+@pytest.mark.parametrize("weights", ["q4_0", "q5_0", "q8_0"])
+def test_gguf_blocks_hold_the_solvers_weights_bit_for_bit(tiny_llama, tmp_path, weights):
     import gguf
 
     from edgellm.export.gguf import export_gguf
     from edgellm.export.gguf_arch import llama_rope_permute
 
-    path = export_gguf(tiny_gptq, tmp_path / "model.gguf", "q4_0", tmp_path)
+    tiny_gptq = _gptq_folder(tiny_llama, tmp_path, grid=weights)
+    path = export_gguf(tiny_gptq, tmp_path / "model.gguf", weights, tmp_path)
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
     solved = dequantized_state(tiny_gptq)
@@ -129,7 +131,7 @@ def test_gguf_q4_0_holds_the_solvers_weights_bit_for_bit(tiny_gptq, tmp_path):
         for hf, name, permute in [("self_attn.q_proj", "attn_q", 4), ("self_attn.k_proj", "attn_k", 2),
                                   ("self_attn.v_proj", "attn_v", 0), ("mlp.down_proj", "ffn_down", 0)]:
             tensor = tensors[f"blk.{layer}.{name}.weight"]
-            assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_0
+            assert tensor.tensor_type == gguf.GGMLQuantizationType[weights.upper()]
             stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
             expected = solved[f"model.layers.{layer}.{hf}.weight"].numpy()
             if permute:
