@@ -1,9 +1,11 @@
 """Compress stage: methods that change weights before export, found by the recipe's `method` name.
 
 A method lives in one module of this package that defines
-  `Options`  a pydantic model of the step's arguments (unknown keys refused), and
+  `Options`  a pydantic model of the step's arguments (unknown keys refused),
   `apply(source, dest, options, context)`  read the HF folder `source`, write an HF folder
-             into the empty staging folder `dest` (safetensors, config, tokenizer).
+             into the empty staging folder `dest` (safetensors, config, tokenizer), and
+  optionally `identity(options, context)`  what of the options decides the output (it may
+             raise UserError for options that cannot work with the variant's export).
 METHODS maps recipe names to those modules; they are imported only when used, so reading
 a recipe does not load torch's kernels for every method.
 """
@@ -49,11 +51,16 @@ def apply_step(step: dict, source: Path, dest: Path, context: Context) -> None:
     module.apply(Path(source), Path(dest), parse_options(step), context)
 
 
-def key_inputs(step: dict, context: Context) -> dict:
-    """What besides the input model and the step decides a step's output: the calibration
-    text settings, plus what the method itself declares (GPTQ: the export grid)."""
+def step_identity(step: dict, context: Context) -> dict:
+    """Everything that decides a step's output besides its input model: the method, its
+    options with defaults filled in (or what the method says matters, via `identity`:
+    GPTQ's bits and group size only select the export grid, which it names), and the
+    calibration text settings. Steps with equal identities share one output."""
     module = method_module(step["method"])
-    inputs = {"calibration": context.calibration.model_dump() if context.calibration else None}
-    if hasattr(module, "key_inputs"):
-        inputs.update(module.key_inputs(parse_options(step), context))
-    return inputs
+    options = parse_options(step)
+    if hasattr(module, "identity"):
+        shown = module.identity(options, context)
+    else:
+        shown = options.model_dump()
+    calibration = context.calibration.model_dump() if context.calibration else None
+    return {"method": step["method"], "options": shown, "calibration": calibration}

@@ -26,7 +26,7 @@ from edgellm.errors import UserError
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    bits: Literal[4, 8] | None = None  # in a recipe: taken from the export (q4_0, int4, ...)
+    bits: Literal[4, 5, 8] | None = None  # in a recipe: taken from the export (q4_0, int4, ...)
     group_size: int | None = Field(None, gt=0)
     grid: Literal["q4_0", "q5_0", "q8_0", "nbits"] | None = None  # outside a recipe; nbits by default
     symmetric: bool = True  # nbits grids outside a recipe (int4 sym g32 is also Q4_0's grid)
@@ -49,8 +49,10 @@ def grid_of(options: Options, context) -> Grid:
     return grid
 
 
-def key_inputs(options: Options, context) -> dict:
-    return {"grid": grid_of(options, context).label}
+def identity(options: Options, context) -> dict:
+    """bits/group_size/grid/symmetric only choose the grid: name the grid instead."""
+    chosen = options.model_dump(exclude={"bits", "group_size", "grid", "symmetric"})
+    return {**chosen, "grid": grid_of(options, context).label}
 
 
 def apply(source: Path, dest: Path, options: Options, context) -> None:

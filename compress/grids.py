@@ -140,6 +140,8 @@ def grid_for_export(export, bits: int | None, group_size: int | None) -> Grid:
         if export.weights not in ("int4", "int8"):
             raise UserError(f"GPTQ writes ONNX int4/int8 (MatMulNBits), not '{export.weights}'")
         grid = Grid("nbits", int(export.weights[3:]), export.block_size, export.symmetric)
+        if grid == Grid("nbits", 4, 32, True):  # the very same grid: share one GPTQ run
+            grid = gguf_grid("q4_0")
     else:
         raise UserError(f"GPTQ cannot feed a {export.format} export: use gguf, onnx or ort")
     if bits is not None and bits != grid.bits:
@@ -161,7 +163,8 @@ def standalone_grid(name: str | None, bits: int, group_size: int, symmetric: boo
     if name in GGUF_GRIDS:
         return gguf_grid(name)
     if bits not in NBITS_BITS:
-        raise UserError(f"GPTQ bits={bits} is not in the grid registry: use 4 or 8")
+        raise UserError(f"GPTQ bits={bits} is not in the grid registry: use 4 or 8 "
+                        "(5 with grid=\"q5_0\")")
     if group_size not in NBITS_GROUPS:
         raise UserError(f"GPTQ group_size={group_size} is not in the grid registry: use one of "
                         f"{', '.join(map(str, NBITS_GROUPS))}")

@@ -84,12 +84,12 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
 
 def check_steps(recipe: Recipe) -> None:
     """Each compression step against its variant's export (GPTQ needs the export's grid)."""
-    from edgellm.compress import Context, key_inputs
+    from edgellm.compress import Context, step_identity
 
     for variant in recipe.variant:
         for step in variant.compress:
             try:
-                key_inputs(step.model_dump(), Context(recipe.calibration, variant.export))
+                step_identity(step.model_dump(), Context(recipe.calibration, variant.export))
             except UserError as exc:
                 raise UserError(f"variant {variant.name}: {exc}") from None
 
@@ -208,12 +208,12 @@ def build_step(step: dict, model_dir: Path, model_key: str, out: Path, export: E
                calibration, console: Console) -> tuple[Path, str]:
     """Run one compression step on the HF folder `model_dir` into OUT/_work/steps/, once:
     variants sharing a chain prefix (same inputs, options, calibration) share its output."""
-    from edgellm.compress import Context, key_inputs
+    from edgellm.compress import Context, step_identity
 
     context = Context(calibration=calibration, export=export, console=console,
                       work=out / WORK)
-    key = sha256_json({"input": model_key, "step": step, "edgellm": __version__,
-                       **key_inputs(step, context)})
+    key = sha256_json({"input": model_key, "edgellm": __version__,
+                       **step_identity(step, context)})
     folder = out / WORK / "steps" / f"{step['method']}-{key[:12]}"
     if trusted(folder, key):
         console.print(f"[dim]{step['method']}: reusing {folder}[/dim]")

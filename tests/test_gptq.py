@@ -203,3 +203,97 @@ def test_grid_of_a_recipe_export_is_the_exports():
     assert grid_of(Options(), context).label == "nbits4-g64-asym"
     context = SimpleNamespace(export=ExportSpec(format="gguf", weights="q4_0"))
     assert grid_of(Options(), context).label == "q4_0"
+
+
+def _matmulnbits_weights(path, prefix: str) -> np.ndarray:
+    """Dequantize one 4-bit MatMulNBits node's weights [N, K] as ONNX Runtime does:
+    (q − zero)·scale, two values per byte (low nibble first), zero points packed likewise."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    qweight = inits[f"{prefix}.MatMulNBits.qweight"]  # [N, blocks, 16]
+    n, blocks, _ = qweight.shape
+    q = np.stack([qweight & 0xF, qweight >> 4], axis=-1).reshape(n, blocks, 32).astype(np.float32)
+    zeros = inits[f"{prefix}.MatMulNBits.qzeros"].reshape(n, -1)
+    zeros = np.stack([zeros & 0xF, zeros >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+    scales = inits[f"{prefix}.MatMulNBits.scales"].reshape(n, blocks, 1).astype(np.float32)
+    return ((q - zeros[..., None].astype(np.float32)) * scales).reshape(n, blocks * 32)
+
+
+def test_onnx_matmulnbits_hold_the_solvers_weights_bit_for_bit(tiny_llama, tmp_path):
+    from edgellm.export.onnx import export_onnx
+    from edgellm.recipe import ExportSpec
+
+    folder = _gptq_folder(tiny_llama, tmp_path, grid="nbits", symmetric=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    target = export_onnx(folder, tmp_path / "onnx", ExportSpec(format="onnx", weights="int4"), work)
+    solved = dequantized_state(folder)
+    for layer in range(2):
+        hf = f"model.layers.{layer}"
+        qkv = np.concatenate([solved[f"{hf}.self_attn.{p}_proj.weight"].numpy() for p in "qkv"])
+        assert np.array_equal(_matmulnbits_weights(target / "model.onnx", f"{hf}.attn.qkv_proj"), qkv)
+        for part in ("mlp.down_proj", "mlp.gate_proj", "attn.o_proj"):
+            hf_part = part.replace("attn.", "self_attn.")
+            stored = _matmulnbits_weights(target / "model.onnx", f"{hf}.{part}")
+            assert np.array_equal(stored, solved[f"{hf}.{hf_part}.weight"].numpy()), part
+
+
+def _recipe(tmp_path, tiny_llama, variants: str):
+    recipe = tmp_path / "recipe.toml"
+    valid = shared_text("wikitext-2-valid.txt")
+    recipe.write_text(f"""
+[model]
+source = "{tiny_llama}"
+[eval]
+max_tokens = 512
+ctx = 64
+decode_tokens = 4
+threads = 1
+[calibration]
+text = "{valid}"
+samples = 4
+seqlen = 64
+{variants}
+""")
+    return recipe
+
+
+def test_recipe_variants_on_the_same_grid_share_one_gptq_run(tiny_llama, tmp_path):
+    import json
+
+    recipe = _recipe(tmp_path, tiny_llama, """
+[[variant]]
+name = "gptq-gguf"
+compress = [{ method = "gptq", bits = 4, group_size = 32 }]
+export = { format = "gguf", weights = "q4_0" }
+[[variant]]
+name = "gptq-onnx"
+compress = [{ method = "gptq" }]
+export = { format = "onnx", weights = "int4", symmetric = true }
+""")
+    out = tmp_path / "out"
+    result = run_cli("run", recipe, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert len(list((out / "_work" / "steps").iterdir())) == 1
+    rows = {v["name"]: v for v in json.loads((out / "report.json").read_text())["variants"]}
+    assert rows["gptq-gguf"]["steps"] == ["gptq"] == rows["gptq-onnx"]["steps"]
+    # the same integers in both files: the two runtimes agree closely
+    assert abs(rows["gptq-gguf"]["ppl"] - rows["gptq-onnx"]["ppl"]) < 0.03 * rows["gptq-gguf"]["ppl"]
+
+
+def test_gptq_onto_an_export_without_a_grid_is_refused_before_any_work(tiny_llama, tmp_path):
+    recipe = _recipe(tmp_path, tiny_llama, """
+[[variant]]
+name = "gptq-kquant"
+compress = [{ method = "gptq" }]
+export = { format = "gguf", weights = "q4_k_m" }
+""")
+    out = tmp_path / "out"
+    result = run_cli("run", recipe, "--out", out)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "gptq-kquant" in lines[0] and "q4_k_m" in lines[0], lines
+    assert not out.exists()

@@ -23,7 +23,8 @@ def demo(tmp_path_factory):
 def test_demo_measures_every_variant_on_16k_tokens(demo):
     _, rows, report, _ = demo
     assert list(rows) == ["reference", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-q4_0",
-                          "gguf-q4_0-imatrix", "onnx-f32", "onnx-int4"]
+                          "gguf-q4_0-imatrix", "onnx-f32", "onnx-int4", "gguf-gptq-q4_0",
+                          "gguf-gptq-q5_0", "onnx-gptq-int4"]
     assert report["eval"]["tokens"] == 16384 and report["eval"]["windows"] == 32
     assert report["eval"]["sha256"].startswith("bbf94c53")
     assert rows["reference"]["runtime"] == "torch"
@@ -94,8 +95,8 @@ def test_rerun_rebuilds_nothing(demo):
     again = run_cli("demo", "--out", out, timeout=900)
     assert again.returncode == 0, again.stderr
     after = {p.parent.name: p.read_text() for p in out.glob("*/manifest.json")}
-    assert after == before and len(after) == 8
-    assert again.stdout.count("up to date") == 8 and ": built" not in again.stdout
+    assert after == before and len(after) == 11
+    assert again.stdout.count("up to date") == 11 and ": built" not in again.stdout
 
 
 def test_gate_on_the_real_report(demo):
@@ -106,4 +107,46 @@ def test_gate_on_the_real_report(demo):
     over = run_cli("gate", report, "--max-size-mb", 100)  # only the q4_0 files (92 MB) fit
     assert over.returncode == 1
     breached = {line.split(":")[0] for line in over.stderr.strip().splitlines()}
-    assert breached == {"gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "onnx-f32", "onnx-int4"}
+    assert breached == {"gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "onnx-f32", "onnx-int4",
+                        "gguf-gptq-q5_0", "onnx-gptq-int4"}
+
+
+def test_gptq_q4_0_beats_llama_cpp_round_to_nearest_q4_0(demo):
+    _, rows, _, _ = demo
+    gptq, rtn = rows["gguf-gptq-q4_0"], rows["gguf-q4_0"]
+    assert gptq["steps"] == ["gptq"] and gptq["weights"] == "q4_0"
+    assert gptq["ppl"] < rtn["ppl"]
+    assert gptq["ppl_delta_pct"] < rtn["ppl_delta_pct"] - 8  # measured +11.6% against +26.0%
+    assert abs(gptq["size_bytes"] - rtn["size_bytes"]) < 0.01 * rtn["size_bytes"]
+
+
+def test_gptq_int4_onnx_within_ten_percent(demo):
+    _, rows, _, _ = demo
+    gptq = rows["onnx-gptq-int4"]
+    assert gptq["steps"] == ["gptq"]
+    assert 0 < gptq["ppl_delta_pct"] <= 10
+    assert gptq["ppl_delta_pct"] < rows["onnx-int4"]["ppl_delta_pct"] - 10
+
+
+def test_gptq_checkpoint_exports_to_the_same_gguf_from_a_fresh_process(demo, tmp_path):
+    """The GPTQ step's output is a standard checkpoint: exporting it again, outside the
+    pipeline, writes the very same file."""
+    import hashlib
+    import json as _json
+
+    out, rows, _, _ = demo
+    steps = [p for p in (out / "_work" / "steps").iterdir()
+             if _json.loads((p / "config.json").read_text())["quantization_config"]["edgellm_grid"] == "q4_0"]
+    assert len(steps) == 1
+    result = run_cli("export", steps[0], "--to", "gguf", "--weights", "q4_0", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    again = next(tmp_path.glob("*.gguf"))
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (again, out / rows["gguf-gptq-q4_0"]["path"])]
+    assert digest[0] == digest[1]
+
+
+def test_gptq_q5_0_fits_q4_k_m_size_with_half_its_loss(demo):
+    _, rows, _, _ = demo
+    gptq, k_quant = rows["gguf-gptq-q5_0"], rows["gguf-q4_k_m"]
+    assert gptq["size_bytes"] <= k_quant["size_bytes"]
+    assert 0 < gptq["ppl_delta_pct"] <= k_quant["ppl_delta_pct"] / 2  # measured +2.7% vs +6.1%
