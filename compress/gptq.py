@@ -17,8 +17,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgellm.compress.grids import GGUF_GRIDS, Grid, dequantize, grid_for_export, standalone_grid
 from edgellm.compress.gptq_format import PackedLinear, to_checkpoint
+from edgellm.compress.grids import GGUF_GRIDS, Grid, dequantize, grid_for_export, standalone_grid
 from edgellm.compress.solver import SHRINKS, Hessian, gptq_quantize
 from edgellm.errors import UserError
 

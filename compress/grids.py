@@ -2,8 +2,9 @@
 
 A grid says how a block of `group` consecutive input weights of one output row becomes
 integers q in [qmin, qmax] and back: w ≈ (q - zero)·scale with an integer zero point
-(q4_1: w ≈ q·scale + min), scale (and min) rounded to float16 as the file stores them. GPTQ rounds onto the grid of the format it
-will be written in, so the exporter stores the solver's integers as they are.
+(q4_1: w ≈ q·scale + min), scale (and min) rounded to float16 as the file stores them.
+GPTQ rounds onto the grid of the format it will be written in, so the exporter stores
+the solver's integers as they are.
 
   q4_0        GGUF Q4_0: blocks of 32, scale = signed absmax / -8, q in 0..15, w = d·(q-8)
   q4_1        GGUF Q4_1: blocks of 32, scale = (max-min)/15 and min, w = d·q + m

@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+from edgellm.compress.gptq_format import (
+    PackedLinear,
+    dequantized_state,
+    from_checkpoint,
+    pack_rows,
+    to_checkpoint,
+    unpack_rows,
+)
 from edgellm.compress.grids import Grid, dequantize
-from edgellm.compress.gptq_format import (PackedLinear, dequantized_state, from_checkpoint, pack_rows,
-                                          to_checkpoint, unpack_rows)
 from edgellm.compress.solver import Hessian, gptq_quantize
 from edgellm.recipe import CalibrationSpec
 from tests.conftest import run_cli, shared_text

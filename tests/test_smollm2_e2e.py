@@ -135,13 +135,16 @@ def test_gptq_checkpoint_exports_to_the_same_gguf_from_a_fresh_process(demo, tmp
     import json as _json
 
     out, rows, _, _ = demo
-    steps = [p for p in (out / "_work" / "steps").iterdir()
-             if _json.loads((p / "config.json").read_text())["quantization_config"]["edgellm_grid"] == "q4_0"]
+    def grid(folder):
+        return _json.loads((folder / "config.json").read_text())["quantization_config"]["edgellm_grid"]
+
+    steps = [p for p in (out / "_work" / "steps").iterdir() if grid(p) == "q4_0"]
     assert len(steps) == 1
     result = run_cli("export", steps[0], "--to", "gguf", "--weights", "q4_0", "--out", tmp_path)
     assert result.returncode == 0, result.stderr
     again = next(tmp_path.glob("*.gguf"))
-    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (again, out / rows["gguf-gptq-q4_0"]["path"])]
+    built = out / rows["gguf-gptq-q4_0"]["path"]
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (again, built)]
     assert digest[0] == digest[1]
 
 
