@@ -129,3 +129,34 @@ def dir_size(folder: Path, suffixes: tuple[str, ...] | None = None) -> int:
         p.stat().st_size for p in folder.rglob("*")
         if p.is_file() and (suffixes is None or p.suffix in suffixes)
     )
+
+
+LOCK = ".edgellm.lock"
+_held_locks: dict[Path, object] = {}  # output folders this process holds, kept open until exit
+
+
+def lock_out_dir(out: Path) -> None:
+    """Hold an exclusive lock on an output folder for the rest of this process, so two runs
+    never interleave writes in it; a second process is refused at once with the holder's
+    pid. The lock is the OS's (flock): it goes away with the process, even on SIGKILL."""
+    import fcntl
+
+    key = Path(out).resolve()
+    if key in _held_locks:
+        return
+    handle = open(key / LOCK, "a+")  # noqa: SIM115 (held open until the process exits)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        from edgellm.errors import UserError
+
+        raise UserError(f"output folder {out} is in use by another edgellm run (pid {holder}): "
+                        "wait for it to finish or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _held_locks[key] = handle

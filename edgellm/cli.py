@@ -119,25 +119,47 @@ def report(out: Annotated[Path, typer.Argument(help="Run folder holding report.j
 
 
 @app.command()
+def compare(
+    base: Annotated[Path, typer.Argument(help="The base run's report.json (or its folder).")],
+    new: Annotated[Path, typer.Argument(help="The new run's report.json (or its folder).")],
+    markdown: Annotated[Path | None, typer.Option(help="Also write the table to this file.")] = None,
+):
+    """Show, per variant, how size, perplexity and decode speed changed between two runs."""
+    from edgellm.artifacts import write_text_atomic
+    from edgellm.compare import compare_reports
+
+    paths = [p / "report.json" if p.is_dir() else p for p in (base, new)]
+    text = compare_reports(*paths)
+    print(text)
+    if markdown:
+        write_text_atomic(markdown, text + "\n")
+        console.print(f"wrote {markdown}")
+
+
+@app.command()
 def gate(
     report_path: Annotated[Path, typer.Argument(metavar="REPORT", help="report.json")],
     max_size_mb: Annotated[float | None, typer.Option(min=0)] = None,
     max_ppl_increase_pct: Annotated[float | None, typer.Option()] = None,
     min_decode_tps: Annotated[float | None, typer.Option(min=0)] = None,
+    budgets: Annotated[Path | None, typer.Option(
+        help="Budgets TOML kept in the repo (top-level limits, [variant.NAME] overrides); "
+             "options given here override its top-level limits.")] = None,
     variant: Annotated[list[str] | None, typer.Option(help="Gate only these (repeat).")] = None,
     junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here.")] = None,
 ):
     """Exit 0 when every variant is within budget, 1 when one is not, 2 on bad input."""
-    from edgellm.gate import Budget, check, load_report, select_variants, write_junit
+    from edgellm.gate import Budget, check, load_budgets, load_report, select_variants, write_junit
 
-    budget = Budget(max_size_mb, max_ppl_increase_pct, min_decode_tps)
-    if budget.is_empty():
-        raise UserError("gate needs a budget: pass --max-size-mb, --max-ppl-increase-pct "
-                        "or --min-decode-tps")
+    budget, per_variant = (load_budgets(budgets) if budgets else (Budget(), {}))
+    budget = Budget(max_size_mb, max_ppl_increase_pct, min_decode_tps).over(budget)
+    if budget.is_empty() and not any(not b.is_empty() for b in per_variant.values()):
+        raise UserError("gate needs a budget: pass --max-size-mb, --max-ppl-increase-pct, "
+                        "--min-decode-tps or --budgets FILE")
     rows = select_variants(load_report(report_path), variant, report_path)
-    breaches = check(rows, budget)
+    breaches = check(rows, budget, per_variant)
     if junit:
-        write_junit(junit, rows, budget, breaches)
+        write_junit(junit, rows, budget, breaches, per_variant)
     for breach in breaches:
         err_console.print(breach.message, highlight=False, soft_wrap=True)
     if breaches:

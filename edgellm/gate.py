@@ -28,6 +28,54 @@ class Budget:
         return all(v is None for v in (self.max_size_mb, self.max_ppl_increase_pct,
                                        self.min_decode_tps))
 
+    def over(self, base: Budget) -> Budget:
+        """This budget's limits where it sets them, `base`'s elsewhere."""
+        pick = [a if a is not None else b for a, b in zip(self.limits(), base.limits(), strict=True)]
+        return Budget(*pick)
+
+    def limits(self) -> tuple:
+        return (self.max_size_mb, self.max_ppl_increase_pct, self.min_decode_tps)
+
+
+def load_budgets(path: Path) -> tuple[Budget, dict[str, Budget]]:
+    """A budgets file kept in the repository (TOML): limits for every gated variant at the
+    top, per-variant limits under [variant.NAME]:
+
+        max_size_mb = 120
+        max_ppl_increase_pct = 10
+        [variant.gguf-q4_0]
+        max_ppl_increase_pct = 30
+    """
+    import tomllib
+
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+    class Limits(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        max_size_mb: float | None = Field(None, ge=0)
+        max_ppl_increase_pct: float | None = None
+        min_decode_tps: float | None = Field(None, ge=0)
+
+    class BudgetsFile(Limits):
+        variant: dict[str, Limits] = {}
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"budgets file {path} does not exist: fix the path to your budgets TOML")
+    try:
+        data = BudgetsFile.model_validate(tomllib.loads(path.read_text(encoding="utf-8")))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"budgets file {path} is not valid TOML: {exc}") from None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"])
+        raise UserError(f"budgets file {path}: key '{key}': {error['msg']}") from None
+
+    def budget(limits: Limits) -> Budget:
+        return Budget(limits.max_size_mb, limits.max_ppl_increase_pct, limits.min_decode_tps)
+
+    return budget(data), {name: budget(limits) for name, limits in data.variant.items()}
+
 
 @dataclass(frozen=True)
 class Breach:
@@ -67,41 +115,60 @@ def select_variants(report: dict, names: list[str] | None, path: Path) -> list[d
     return [known[n] for n in names]
 
 
-def check(rows: list[dict], budget: Budget) -> list[Breach]:
+def check(rows: list[dict], budget: Budget,
+          per_variant: dict[str, Budget] | None = None) -> list[Breach]:
+    """Every breach of every gated row; `per_variant` budgets override `budget` by name."""
     breaches = []
     for row in rows:
-        name, size_mb = row["name"], row["size_bytes"] / 1e6
-        if budget.max_size_mb is not None and size_mb > budget.max_size_mb:
-            breaches.append(Breach(name, "max-size-mb",
-                                   f"{name}: size {size_mb:.1f} MB > budget {budget.max_size_mb:g} MB"))
-        delta = row["ppl_delta_pct"]
-        if budget.max_ppl_increase_pct is not None and delta > budget.max_ppl_increase_pct:
-            breaches.append(Breach(name, "max-ppl-increase-pct",
-                                   f"{name}: perplexity +{delta:.2f}% > budget "
-                                   f"+{budget.max_ppl_increase_pct:g}%"))
-        tps = row["decode_tps"]
-        if budget.min_decode_tps is not None and (tps is None or tps < budget.min_decode_tps):
-            breaches.append(Breach(name, "min-decode-tps",
-                                   f"{name}: decode {tps or 0:.1f} tok/s < budget "
-                                   f"{budget.min_decode_tps:g} tok/s"))
+        budget_here = (per_variant or {}).get(row["name"], Budget()).over(budget)
+        breaches += _row_breaches(row, budget_here)
     return breaches
 
 
-def write_junit(path: Path, rows: list[dict], budget: Budget, breaches: list[Breach]) -> None:
+def _row_breaches(row: dict, budget: Budget) -> list[Breach]:
+    breaches = []
+    name, size_mb = row["name"], row["size_bytes"] / 1e6
+    if budget.max_size_mb is not None and size_mb > budget.max_size_mb:
+        breaches.append(Breach(name, "max-size-mb",
+                               f"{name}: size {size_mb:.1f} MB > budget {budget.max_size_mb:g} MB"))
+    delta = row["ppl_delta_pct"]
+    if budget.max_ppl_increase_pct is not None and delta > budget.max_ppl_increase_pct:
+        breaches.append(Breach(name, "max-ppl-increase-pct",
+                               f"{name}: perplexity +{delta:.2f}% > budget "
+                               f"+{budget.max_ppl_increase_pct:g}%"))
+    tps = row["decode_tps"]
+    if budget.min_decode_tps is not None and (tps is None or tps < budget.min_decode_tps):
+        breaches.append(Breach(name, "min-decode-tps",
+                               f"{name}: decode {tps or 0:.1f} tok/s < budget "
+                               f"{budget.min_decode_tps:g} tok/s"))
+    return breaches
+
+
+def write_junit(path: Path, rows: list[dict], budget: Budget, breaches: list[Breach],
+                per_variant: dict[str, Budget] | None = None) -> None:
     """One test case per (variant, budget); a breach is a failure with its message."""
-    names = [n for n, v in (("max-size-mb", budget.max_size_mb),
-                            ("max-ppl-increase-pct", budget.max_ppl_increase_pct),
-                            ("min-decode-tps", budget.min_decode_tps)) if v is not None]
     by_case = {(b.variant, b.budget): b for b in breaches}
+    cases = [(row, _budget_names((per_variant or {}).get(row["name"], Budget()).over(budget)))
+             for row in rows]
     suite = ElementTree.Element("testsuite", name="edgellm-gate",
-                                tests=str(len(rows) * len(names)), failures=str(len(breaches)))
-    for row in rows:
+                                tests=str(sum(len(names) for _, names in cases)),
+                                failures=str(len(breaches)))
+    for row, names in cases:
         for name in names:
             case = ElementTree.SubElement(suite, "testcase", classname=row["name"], name=name)
             if (row["name"], name) in by_case:
                 message = by_case[(row["name"], name)].message
                 failure = ElementTree.SubElement(case, "failure", message=message)
                 failure.text = message
+    _write_junit_file(path, suite)
+
+
+def _budget_names(budget: Budget) -> list[str]:
+    return [n for n, v in zip(("max-size-mb", "max-ppl-increase-pct", "min-decode-tps"),
+                              budget.limits(), strict=True) if v is not None]
+
+
+def _write_junit_file(path: Path, suite) -> None:
     try:
         write_text_atomic(Path(path), ElementTree.tostring(suite, encoding="unicode") + "\n")
     except OSError as exc:

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from edgellm import __version__
 from edgellm.artifacts import (
+    lock_out_dir,
     publish_dir,
     read_json,
     read_manifest,
@@ -106,6 +107,7 @@ def prepare_out_dir(out: Path) -> None:
     except OSError as exc:
         raise UserError(f"cannot create output folder {out} ({exc.strerror}): "
                         "choose a writable --out") from None
+    lock_out_dir(out)
 
 
 def _check_text_length(text: str, ctx: int, path: Path) -> None:

@@ -106,3 +106,22 @@ def test_export_refuses_bad_weights_and_models(tmp_path, tiny_llama):
     assert_clean_failure(run_cli("export", tmp_path / "nope", "--out", out), "not found", out)
     assert_clean_failure(run_cli("export", tiny_llama, "--to", "tflite", "--out", out),
                          "not supported", out)
+
+
+def test_a_second_run_on_a_busy_output_folder_is_refused(tmp_path, tiny_llama):
+    import fcntl
+    import os
+
+    out = tmp_path / "out"
+    (out / "_work").mkdir(parents=True)
+    with open(out / ".edgellm.lock", "a+") as held:  # as a running edgellm holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(str(os.getpid()))
+        held.flush()
+        result = run_cli("run", recipe_with(tmp_path, tiny_llama), "--out", out)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "in use" in lines[0] and str(os.getpid()) in lines[0], lines
+    assert sorted(p.name for p in out.iterdir()) == [".edgellm.lock", "_work"]
+    again = run_cli("run", recipe_with(tmp_path, tiny_llama), "--out", out)  # lock released
+    assert again.returncode == 0, again.stderr

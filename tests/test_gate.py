@@ -74,3 +74,59 @@ def test_garbage_report_exits_2(tmp_path):
     path.write_text("{not json")
     result = run_cli("gate", path, "--max-size-mb", 1)
     assert result.returncode == 2 and "not valid JSON" in result.stderr
+
+
+def test_budgets_file_sets_defaults_and_per_variant_limits(report, tmp_path):
+    budgets = tmp_path / "budgets.toml"
+    budgets.write_text("max_ppl_increase_pct = 5\n[variant.q4]\nmax_ppl_increase_pct = 25\n")
+    result = run_cli("gate", report, "--budgets", budgets)
+    assert result.returncode == 0, result.stderr  # q4's +20% is within its own +25%
+    budgets.write_text("max_ppl_increase_pct = 5\n[variant.q4]\nmax_size_mb = 50\n")
+    result = run_cli("gate", report, "--budgets", budgets, "--junit", tmp_path / "gate.xml")
+    assert result.returncode == 1
+    assert set(result.stderr.strip().splitlines()) == {
+        "q4: size 92.0 MB > budget 50 MB", "q4: perplexity +20.00% > budget +5%"}
+    suite = ElementTree.parse(tmp_path / "gate.xml").getroot()
+    assert suite.get("tests") == "3" and suite.get("failures") == "2"
+
+
+def test_command_line_limits_override_the_budgets_file(report, tmp_path):
+    budgets = tmp_path / "budgets.toml"
+    budgets.write_text("max_ppl_increase_pct = 5\n")
+    result = run_cli("gate", report, "--budgets", budgets, "--max-ppl-increase-pct", 30)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ("max_size_mb = \"big\"\n", "max_size_mb"),
+    ("max_size = 3\n", "max_size"),
+    ("max_size_mb = [\n", "not valid TOML"),
+])
+def test_bad_budgets_file_is_one_line_exit_2(report, tmp_path, content, message):
+    budgets = tmp_path / "budgets.toml"
+    budgets.write_text(content)
+    result = run_cli("gate", report, "--budgets", budgets)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "budgets.toml" in lines[0], lines
+
+
+def test_compare_shows_the_change_per_variant(report, tmp_path):
+    new = json.loads(report.read_text())
+    new["variants"][2].update(size_bytes=80_000_000, ppl_delta_pct=12.5, decode_tps=120.0)
+    new["variants"].append({"name": "q5", "size_bytes": 105_000_000, "ppl": 20.5,
+                            "ppl_delta_pct": 2.7, "decode_tps": 90.0})
+    new_path = tmp_path / "new" / "report.json"
+    new_path.parent.mkdir()
+    new_path.write_text(json.dumps(new))
+    result = run_cli("compare", report, new_path.parent, "--markdown", tmp_path / "change.md")
+    assert result.returncode == 0, result.stderr
+    assert "| q4 | 92.0 → 80.0 | -13.0% | +20.00 → +12.50 | 110.0 → 120.0 |" in result.stdout
+    assert "| q5 (added) | 105.0 |" in result.stdout
+    assert "| q4 | 92.0 → 80.0 |" in (tmp_path / "change.md").read_text()
+
+
+def test_compare_with_a_missing_report_is_one_line_exit_2(report, tmp_path):
+    result = run_cli("compare", report, tmp_path / "nope.json")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "nope.json" in result.stderr

@@ -1,0 +1,51 @@
+"""`edgellm compare A/report.json B/report.json`: what changed between two runs, per variant.
+
+The Markdown table is what a CI job posts on a pull request: size, perplexity change and
+decode speed of each variant in the base run (A) and the new run (B), and the difference.
+Variants only in one run are listed as added or removed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgellm.gate import load_report
+
+
+def compare_reports(base_path: Path, new_path: Path) -> str:
+    base, new = load_report(base_path), load_report(new_path)
+    base_rows = {row["name"]: row for row in base["variants"]}
+    new_rows = {row["name"]: row for row in new["variants"]}
+    names = list(base_rows) + [n for n in new_rows if n not in base_rows]
+    lines = [f"Comparing {base_path} (base) with {new_path} (new)", "",
+             "| variant | size MB | Δ size | Δppl % (base → new) | decode tok/s (base → new) |",
+             "|---|---:|---:|---:|---:|"]
+    for name in names:
+        a, b = base_rows.get(name), new_rows.get(name)
+        if a is None or b is None:
+            row = a or b
+            state = "added" if a is None else "removed"
+            lines.append(f"| {name} ({state}) | {_mb(row):.1f} | | {row['ppl_delta_pct']:+.2f} | "
+                         f"{row['decode_tps']:.1f} |")
+            continue
+        size_change = (b["size_bytes"] / a["size_bytes"] - 1) * 100 if a["size_bytes"] else 0.0
+        lines.append(f"| {name} | {_mb(a):.1f} → {_mb(b):.1f} | {size_change:+.1f}% | "
+                     f"{a['ppl_delta_pct']:+.2f} → {b['ppl_delta_pct']:+.2f} | "
+                     f"{a['decode_tps']:.1f} → {b['decode_tps']:.1f} |")
+    notes = _protocol_notes(base, new)
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _mb(row: dict) -> float:
+    return row["size_bytes"] / 1e6
+
+
+def _protocol_notes(base: dict, new: dict) -> list[str]:
+    """Perplexities compare only on the same text and windows: say when they differ."""
+    notes = []
+    a, b = base.get("eval", {}), new.get("eval", {})
+    for key in ("sha256", "tokens", "ctx"):
+        if a.get(key) != b.get(key):
+            notes.append(f"Note: eval {key} differs ({a.get(key)} vs {b.get(key)}): "
+                         "perplexities are not directly comparable.")
+    return notes
