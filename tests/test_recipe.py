@@ -1,5 +1,7 @@
 """Recipe validation: good recipes parse; bad keys and values name the key and the line."""
 
+from pathlib import Path
+
 import pytest
 
 from edgellm.errors import UserError
@@ -58,3 +60,13 @@ def test_duplicate_and_reserved_names(tmp_path):
 def test_invalid_toml(tmp_path):
     with pytest.raises(UserError, match="not valid TOML"):
         load_recipe(write(tmp_path, "[model\nsource = 1"))
+
+
+EXAMPLE_RECIPES = sorted((Path(__file__).parent.parent / "examples" / "recipes").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLE_RECIPES, ids=lambda p: p.name)
+def test_example_recipes_are_valid_including_their_steps(path):
+    from edgellm.pipeline import check_steps
+
+    check_steps(load_recipe(path))  # raises on a step that cannot feed its export
