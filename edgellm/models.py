@@ -84,12 +84,37 @@ def _gguf_source(path: Path) -> ModelSource:
     if path.is_dir():
         raise UserError(f"model {path} is a folder, not a .gguf file: pass the file inside it")
     with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic != GGUF_MAGIC:
+        header = handle.read(24)
+    if header[:4] != GGUF_MAGIC:
         raise UserError(
             f"model file {path} is not a GGUF file (bad magic): pass a .gguf file or an HF folder"
         )
+    check_gguf_header(path, header)
     return ModelSource("gguf", str(path.parent.resolve()), path.name, label=str(path))
+
+
+# smallest possible encodings: a tensor info (name length, 1 dim, type, offset) and a
+# key/value pair (key length, value type, a one-byte value)
+MIN_TENSOR_INFO_BYTES, MIN_KV_BYTES = 8 + 4 + 8 + 4 + 8, 8 + 4 + 1
+
+
+def check_gguf_header(path: Path, header: bytes) -> None:
+    """Refuse a GGUF whose header cannot be true before any reader allocates for it: a
+    truncated header, an unknown version, or tensor/key counts the file is too small to
+    hold (a crafted file claiming 2^60 tensors would otherwise drive allocations)."""
+    import struct
+
+    if len(header) < 24:
+        raise UserError(f"model file {path} is truncated (GGUF header incomplete): "
+                        "download or export it again")
+    version, tensors, kvs = struct.unpack("<IQQ", header[4:24])
+    if version not in (2, 3):
+        raise UserError(f"model file {path} has GGUF version {version}; edgellm reads versions "
+                        "2 and 3: re-export it with a current llama.cpp or edgellm")
+    size = path.stat().st_size
+    if tensors * MIN_TENSOR_INFO_BYTES + kvs * MIN_KV_BYTES > size:
+        raise UserError(f"model file {path} claims {tensors} tensors and {kvs} metadata keys, "
+                        f"more than its {size} bytes can hold: the file is corrupt or crafted")
 
 
 def _hf_folder_source(folder: Path) -> ModelSource:

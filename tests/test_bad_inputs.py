@@ -20,6 +20,11 @@ def make_inputs(tmp_path, tiny_llama):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
     (tmp_path / "short.txt").write_text("a few words only " * 5)
     (tmp_path / "notes.gguf").write_text("not a gguf file")
+    import struct
+
+    (tmp_path / "huge.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2**60, 2**60) + b"\0" * 64)
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF" + struct.pack("<I", 3))
+    (tmp_path / "v9.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 9, 1, 1) + b"\0" * 64)
     (tmp_path / "textfile.txt").write_text("hello")
     (tmp_path / "folder").mkdir(exist_ok=True)
     pickle_dir = tmp_path / "pickle-model"
@@ -29,6 +34,10 @@ def make_inputs(tmp_path, tiny_llama):
     return {
         "missing model": (recipe_with(tmp_path, tmp_path / "nope"), "not found"),
         "not a gguf": (recipe_with(tmp_path, tmp_path / "notes.gguf"), "not a GGUF file"),
+        "gguf claiming huge counts": (recipe_with(tmp_path, tmp_path / "huge.gguf"),
+                                      "more than its 88 bytes can hold"),
+        "truncated gguf header": (recipe_with(tmp_path, tmp_path / "cut.gguf"), "truncated"),
+        "unknown gguf version": (recipe_with(tmp_path, tmp_path / "v9.gguf"), "GGUF version 9"),
         "unknown builtin": (recipe_with(tmp_path, "smollm9-1b"), "built-in name"),
         "folder without config": (recipe_with(tmp_path, tmp_path / "folder"), "no config.json"),
         "pickle weights": (recipe_with(tmp_path, pickle_dir), "pickle"),
@@ -40,7 +49,8 @@ def make_inputs(tmp_path, tiny_llama):
     }
 
 
-CASES = ["missing model", "not a gguf", "unknown builtin", "folder without config",
+CASES = ["missing model", "not a gguf", "gguf claiming huge counts", "truncated gguf header",
+         "unknown gguf version", "unknown builtin", "folder without config",
          "pickle weights", "missing text", "empty text", "non-utf8 text", "text too short"]
 
 
