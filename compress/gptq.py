@@ -34,6 +34,7 @@ class Options(BaseModel):
     clip_search: bool = True  # choose each block's scale by weighted rounding error
     damp: float = Field(0.01, gt=0, lt=1)
     block: int = Field(128, ge=32)
+    samples: int | None = Field(None, gt=0)  # calibration windows; default [calibration].samples
 
 
 def grid_of(options: Options, context) -> Grid:
@@ -63,7 +64,7 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
 
     grid = grid_of(options, context)
     cal = context.calibration
-    ids = calibration_ids(source, cal.text, cal.samples, cal.seqlen)
+    ids = calibration_ids(source, cal.text, options.samples or cal.samples, cal.seqlen)
 
     def process(index: int, layer: torch.nn.Module, inputs) -> dict[str, torch.Tensor]:
         return quantize_layer(layer, inputs, grid, options, f"model.layers.{index}")

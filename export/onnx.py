@@ -68,7 +68,17 @@ def export_onnx(model_dir: Path, target: Path, export, work: Path) -> Path:
         last = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"ONNX export of {model_dir} failed ({last[0][:200]}): see {log}")
     shutil.rmtree(work / "onnx-builder-cache", ignore_errors=True)
+    if export.weights == "int8" and _ties_embeddings(model_dir):
+        from edgellm.export.onnx_tied import share_tied_int8_embedding
+
+        share_tied_int8_embedding(target / "model.onnx")
     return target
+
+
+def _ties_embeddings(model_dir: Path) -> bool:
+    import json
+
+    return bool(json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings"))
 
 
 def convert_to_ort(onnx_dir: Path, target: Path, work: Path) -> Path:

@@ -114,3 +114,15 @@ def test_missing_execution_provider_is_named(onnx_models):
                    if p not in available)
     with pytest.raises(RuntimeError, match=f"{missing} is not in this onnxruntime"):
         open_runtime("onnx", str(onnx_models.f32), 1, 64, provider=missing)
+
+
+def test_int8_export_shares_the_tied_embedding_with_the_8bit_lm_head(tiny_llama, onnx_models, tmp_path):
+    import onnx
+
+    int8 = export_onnx(tiny_llama, tmp_path / "int8", ExportSpec(format="onnx", weights="int8"), tmp_path)
+    graph = onnx.load(int8 / "model.onnx", load_external_data=False).graph
+    ops = {node.name: node.op_type for node in graph.node}
+    assert ops["/model/embed_tokens/GatherBlockQuantized"] == "GatherBlockQuantized"
+    assert "model.embed_tokens.weight" not in {init.name for init in graph.initializer}
+    # the embedding rows are now 8-bit: close to fp32, not equal
+    assert score("onnx", int8) == pytest.approx(score("onnx", onnx_models.f32), rel=0.02)
