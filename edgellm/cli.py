@@ -177,16 +177,21 @@ def main() -> None:
     except (KeyboardInterrupt, Abort):
         _fail("interrupted", 130)
     except Exit as exc:
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except TyperException as exc:  # usage errors: bad option, missing argument
         context = getattr(exc, "ctx", None)
         command = context.command_path if context else "edgellm"
         _fail(f"{exc.format_message()} (see `{command} --help`)", 2)
+    if code == 130:  # typer turns Ctrl-C inside a command into exit code 130, silently
+        _fail("interrupted", 130)
     sys.exit(code if isinstance(code, int) else 0)
 
 
 def _fail(message: str, code: int) -> None:
-    sys.stderr.write("error: " + " ".join(message.split()) + "\n")
+    # the process's own stderr: an interrupted progress display may still hold sys.stderr
+    stream = sys.__stderr__ or sys.stderr
+    stream.write("error: " + " ".join(message.split()) + "\n")
+    stream.flush()
     sys.exit(code)
 
 
