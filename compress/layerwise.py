@@ -133,6 +133,7 @@ def stream_layers(model_dir: Path, dest: Path, ids: torch.Tensor, process: Proce
     writer = ShardWriter(dest, len(layers) + 1)
     materialize(inner.embed_tokens, store, "model.embed_tokens.")
     hidden = inner.embed_tokens(ids).float()
+    inner.embed_tokens.to("meta")  # the table is read again from the store when saved
     inner.rotary_emb = type(inner.rotary_emb)(config=model.config)  # real buffers, on CPU
     positions = torch.arange(ids.shape[1])[None]
     position_embeddings = inner.rotary_emb(hidden[:1], positions)
