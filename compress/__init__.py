@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 # recipe `method` → module under edgellm.compress that implements it
-METHODS: dict[str, str] = {"gptq": "gptq"}
+METHODS: dict[str, str] = {"gptq": "gptq", "smoothquant": "smoothquant"}
 
 
 @dataclass

@@ -213,9 +213,38 @@ def load_folder_model(folder: Path, dtype: str = "float32"):
 
     quiet_transformers()
     if is_gptq_folder(folder):
-        return load_dequantized(Path(folder), getattr(torch, dtype))
-    return AutoModelForCausalLM.from_pretrained(
-        folder, dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True).eval()
+        model = load_dequantized(Path(folder), getattr(torch, dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True).eval()
+    if getattr(model.config, RUNTIME_QUANT_KEY, None) == "int8-dynamic":
+        int8_dynamic(model, folder)
+    return model
+
+
+# config.json key of a torch export with weights "int8": quantize when the runtime loads it
+RUNTIME_QUANT_KEY = "edgellm_runtime_quantization"
+
+
+def int8_dynamic(model, folder: Path) -> None:
+    """torchao dynamic INT8 on every linear layer but the lm_head: int8 weights per output
+    channel, activations quantized to int8 per token at run time."""
+    import logging
+
+    import torch
+
+    for name in ("torchao", "torch.utils._pytree"):  # CUDA-kernel load notices on CPU builds
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError:
+        raise UserError(f"model {folder} asks for torch int8, which needs torchao: "
+                        "pip install 'edgellm[int8]' (or make install)") from None
+
+    def is_body_linear(module, fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and fqn != "lm_head"
+
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=is_body_linear)
 
 
 def drop_gguf_quantizer(model) -> None:

@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-TORCH_WEIGHTS = ("f32",)
+# torch int8: torchao dynamic INT8 applied when the runtime loads the folder
+TORCH_WEIGHTS = ("f32", "int8")
 
 
 def weights_for(fmt: str) -> tuple[str, ...]:

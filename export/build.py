@@ -29,6 +29,8 @@ def export_artifact(model_dir: Path, staging: Path, export, name: str, work: Pat
         for path in model_dir.iterdir():
             if path.is_file() and path.name not in ("manifest.json", "measurement.json"):
                 shutil.copy2(path, staging / path.name)
+        if export.weights == "int8":
+            mark_int8_dynamic(staging / "config.json")
         return target
     if export.format == "gguf":
         from edgellm.export.gguf import export_gguf
@@ -52,3 +54,15 @@ def export_artifact(model_dir: Path, staging: Path, export, name: str, work: Pat
         finally:
             shutil.rmtree(onnx_dir, ignore_errors=True)
     raise UserError(f"export format '{export.format}' is not supported")
+
+
+def mark_int8_dynamic(config_path: Path) -> None:
+    """Tell the torch runtime to quantize this folder with torchao dynamic INT8 on load (the
+    weights stay float on disk: torchao's int8 tensors have no portable file format)."""
+    import json
+
+    from edgellm.models import RUNTIME_QUANT_KEY
+
+    config = json.loads(config_path.read_text())
+    config[RUNTIME_QUANT_KEY] = "int8-dynamic"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
