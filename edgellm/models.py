@@ -203,9 +203,11 @@ def load_model(source: ModelSource, trust_remote_code: bool = False, dtype: str 
     return model
 
 
-def load_folder_model(folder: Path, dtype: str = "float32"):
+def load_folder_model(folder: Path, dtype: str = "float32", runtime_quantization: bool = False):
     """A causal LM from a local HF folder edgellm wrote or was given; a GPTQ checkpoint
-    is dequantized (the same weights the GGUF and ONNX exports compute with)."""
+    is dequantized (the same weights the GGUF and ONNX exports compute with). With
+    `runtime_quantization`, a folder marked for torch int8 is quantized as it loads (what
+    the torch runtime does; compression steps read the float weights)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -217,7 +219,7 @@ def load_folder_model(folder: Path, dtype: str = "float32"):
     else:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True).eval()
-    if getattr(model.config, RUNTIME_QUANT_KEY, None) == "int8-dynamic":
+    if runtime_quantization and getattr(model.config, RUNTIME_QUANT_KEY, None) == "int8-dynamic":
         int8_dynamic(model, folder)
     return model
 

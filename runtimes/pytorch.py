@@ -16,7 +16,7 @@ class TorchRuntime:
 
         torch.set_num_threads(threads)
         self.version = f"torch {torch.__version__}"
-        self.model = load_folder_model(path)
+        self.model = load_folder_model(path, runtime_quantization=True)
 
     @torch.inference_mode()
     def score(self, window: np.ndarray) -> tuple[float, int]:
