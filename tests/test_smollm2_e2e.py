@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    result = run_cli("demo", "--out", out, timeout=3600)  # about 30 min on 2 idle cores
+    result = run_cli("demo", "--out", out, timeout=3600)  # about 20 min on 2 idle cores
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     return out, {v["name"]: v for v in report["variants"]}, report, result
