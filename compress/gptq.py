@@ -133,7 +133,7 @@ def quantize_layer(layer: torch.nn.Module, inputs, grid: Grid, options: Options,
             part = slice(start, start + rows)
             start += rows
             linears[name].weight.data = dequantize(grid, q[part], scale[part], zero[part])
-            packed = PackedLinear(_unsigned(grid, q[part]), scale[part], _unsigned_zero(grid, zero[part]),
+            packed = PackedLinear(_unsigned(grid, q[part]), scale[part], _unsigned(grid, zero[part]),
                                   grid.storage_bits, grid.group)
             for key, tensor in to_checkpoint(packed).items():
                 stored[f"{name}.{key}"] = tensor
@@ -150,13 +150,10 @@ def _sharing_groups(hessians: dict[str, Hessian]) -> list[list[str]]:
     return list(groups.values())
 
 
-def _unsigned(grid: Grid, q: torch.Tensor) -> torch.Tensor:
-    """GPTQ checkpoints store unsigned integers: q8_0's −127..127 moves up by 128."""
-    return q + 128 if grid.name == "q8_0" else q
-
-
-def _unsigned_zero(grid: Grid, zero: torch.Tensor) -> torch.Tensor:
-    return zero + 128 if grid.name == "q8_0" else zero
+def _unsigned(grid: Grid, values: torch.Tensor) -> torch.Tensor:
+    """GPTQ checkpoints store unsigned integers: q8_0's −127..127 (and its zero point 0)
+    move up by 128."""
+    return values + 128 if grid.name == "q8_0" else values
 
 
 def write_quant_config(dest: Path, grid: Grid, options: Options) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgellm.compress.grids import Grid, dequantize
 from edgellm.errors import UserError
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
@@ -37,9 +38,7 @@ class PackedLinear:
 
     def dequantize(self) -> torch.Tensor:
         """(q − zero)·scale in float32, what GGUF and MatMulNBits compute."""
-        scale = self.scale.float().repeat_interleave(self.group, dim=1)
-        zero = self.zero.float().repeat_interleave(self.group, dim=1)
-        return (self.q.float() - zero) * scale
+        return dequantize(Grid("nbits", self.bits, self.group, False), self.q, self.scale, self.zero)
 
 
 def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:

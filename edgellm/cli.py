@@ -188,10 +188,7 @@ def main() -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    # the process's own stderr: an interrupted progress display may still hold sys.stderr
-    stream = sys.__stderr__ or sys.stderr
-    stream.write("error: " + " ".join(message.split()) + "\n")
-    stream.flush()
+    sys.stderr.write("error: " + " ".join(message.split()) + "\n")
     sys.exit(code)
 
 

@@ -69,3 +69,23 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subproce
     """Run `edgellm ARGS` in a fresh process, as a user would."""
     return subprocess.run([sys.executable, "-m", "edgellm.cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def write_tiny_recipe(path: Path, model: Path, variants: str) -> Path:
+    """A recipe for fast pipeline tests: `model` scored on 512 tokens in windows of 64, with
+    4 × 64 calibration tokens of wikitext-2 valid, and the given [[variant]] tables."""
+    path.write_text(f"""
+[model]
+source = "{model}"
+[eval]
+max_tokens = 512
+ctx = 64
+decode_tokens = 4
+threads = 1
+[calibration]
+text = "{shared_text('wikitext-2-valid.txt')}"
+samples = 4
+seqlen = 64
+{variants}
+""")
+    return path

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli, shared_text, write_tiny_recipe
 
 from edgellm.compress.gptq_format import (
     PackedLinear,
@@ -18,7 +19,6 @@ from edgellm.compress.gptq_format import (
 from edgellm.compress.grids import Grid, dequantize
 from edgellm.compress.solver import Hessian, gptq_quantize
 from edgellm.recipe import CalibrationSpec
-from tests.conftest import run_cli, shared_text
 
 Q4_0 = Grid("q4_0", 4, 32, True)
 
@@ -248,23 +248,7 @@ def test_onnx_matmulnbits_hold_the_solvers_weights_bit_for_bit(tiny_llama, tmp_p
 
 
 def _recipe(tmp_path, tiny_llama, variants: str):
-    recipe = tmp_path / "recipe.toml"
-    valid = shared_text("wikitext-2-valid.txt")
-    recipe.write_text(f"""
-[model]
-source = "{tiny_llama}"
-[eval]
-max_tokens = 512
-ctx = 64
-decode_tokens = 4
-threads = 1
-[calibration]
-text = "{valid}"
-samples = 4
-seqlen = 64
-{variants}
-""")
-    return recipe
+    return write_tiny_recipe(tmp_path / "recipe.toml", tiny_llama, variants)
 
 
 def test_recipe_variants_on_the_same_grid_share_one_gptq_run(tiny_llama, tmp_path):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, shared_text
+from conftest import run_cli, shared_text, write_tiny_recipe
 
 from edgellm.compress import Context, apply_step
 from edgellm.models import load_folder_model
@@ -61,23 +61,11 @@ def test_smoothquant_keeps_the_function_and_flattens_outlier_channels(outlier_ll
 
 
 def test_torch_int8_export_quantizes_on_load_and_stays_close(tiny_llama, smoothed, tmp_path):
-    recipe = tmp_path / "recipe.toml"
-    recipe.write_text(f"""
-[model]
-source = "{tiny_llama}"
-[eval]
-max_tokens = 512
-ctx = 64
-decode_tokens = 4
-threads = 1
-[calibration]
-text = "{shared_text('wikitext-2-valid.txt')}"
-samples = 4
-seqlen = 64
+    recipe = write_tiny_recipe(tmp_path / "recipe.toml", tiny_llama, """
 [[variant]]
 name = "torch-int8"
-compress = [{{ method = "smoothquant" }}]
-export = {{ format = "torch", weights = "int8" }}
+compress = [{ method = "smoothquant" }]
+export = { format = "torch", weights = "int8" }
 """)
     out = tmp_path / "out"
     result = run_cli("run", recipe, "--out", out)
