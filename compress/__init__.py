@@ -1,7 +1,8 @@
 """Compress stage: methods that change weights before export, found by the recipe's `method` name.
 
 A method lives in one module of this package that defines
-  `Options`  a pydantic model of the step's arguments (unknown keys refused),
+  `Options`  a pydantic model of the step's arguments (unknown keys refused; a module
+             serving several methods gives it a `method` field, filled from the recipe),
   `apply(source, dest, options, context)`  read the HF folder `source`, write an HF folder
              into the empty staging folder `dest` (safetensors, config, tokenizer), and
   optionally `identity(options, context)`  what of the options decides the output (it may
@@ -18,18 +19,24 @@ from pathlib import Path
 from typing import Any
 
 # recipe `method` → module under edgellm.compress that implements it
-METHODS: dict[str, str] = {"gptq": "gptq", "smoothquant": "smoothquant"}
+METHODS: dict[str, str] = {"gptq": "gptq", "smoothquant": "smoothquant", "magnitude": "prune",
+                           "wanda": "prune", "sparsegpt": "prune", "depth": "depth",
+                           "width": "width", "distill": "distill"}
 
 
 @dataclass
 class Context:
     """What a method may need besides its options: calibration text settings, the variant's
-    export target (GPTQ rounds onto its grid), a console for progress, and a work folder."""
+    export target (GPTQ rounds onto its grid), a console for progress, a work folder, the
+    chain's original model (distillation's teacher) and a folder that survives an
+    interrupted step (its checkpoints; the method removes it when done)."""
 
     calibration: Any = None  # recipe CalibrationSpec
     export: Any = None  # recipe ExportSpec of the variant, None outside a recipe
     console: Any = None
     work: Path | None = None
+    teacher: Path | None = None
+    resume: Path | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -42,8 +49,11 @@ def method_module(name: str):
 
 def parse_options(step: dict) -> Any:
     """Validate one recipe step's arguments (everything but `method`) with its method's Options."""
+    options = method_module(step["method"]).Options
     args = {k: v for k, v in step.items() if k != "method"}
-    return method_module(step["method"]).Options.model_validate(args)
+    if "method" in options.model_fields:  # one module, several methods (prune.py)
+        args["method"] = step["method"]
+    return options.model_validate(args)
 
 
 def apply_step(step: dict, source: Path, dest: Path, context: Context) -> None:

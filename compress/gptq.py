@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgellm.compress.gptq_format import PackedLinear, to_checkpoint
 from edgellm.compress.grids import GGUF_GRIDS, Grid, dequantize, grid_for_export, standalone_grid
-from edgellm.compress.solver import SHRINKS, Hessian, gptq_quantize
+from edgellm.compress.hessians import collect_hessians, linear_layers, sharing_groups
+from edgellm.compress.solver import SHRINKS, gptq_quantize
 from edgellm.errors import UserError
 
 
@@ -75,42 +76,6 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
     write_quant_config(dest, grid, options)
 
 
-def linear_layers(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    return {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-
-
-@torch.no_grad()
-def collect_hessians(layer: torch.nn.Module, inputs) -> dict[str, Hessian]:
-    """Run the layer over the calibration activations once; one Hessian per distinct input
-    (q/k/v share the normed hidden states, gate/up share theirs)."""
-    linears = linear_layers(layer)
-    hessians: dict[str, Hessian] = {}
-    # id of an input tensor within one forward call → (the tensor, kept alive so its id is
-    # not reused by another tensor in the same call, and its Hessian)
-    seen: dict[int, tuple[torch.Tensor, Hessian]] = {}
-
-    def reset(*_):
-        seen.clear()
-
-    def hook_for(name):
-        def hook(_module, args):
-            x = args[0]
-            if id(x) not in seen:
-                seen[id(x)] = (x, hessians.get(name) or Hessian(x.shape[-1]))
-                seen[id(x)][1].add(x)
-            hessians[name] = seen[id(x)][1]
-        return hook
-
-    handles = [layer.register_forward_pre_hook(reset)]
-    handles += [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
-    try:
-        inputs.run(layer)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return hessians
-
-
 def quantize_layer(layer: torch.nn.Module, inputs, grid: Grid, options: Options,
                    prefix: str) -> dict[str, torch.Tensor]:
     """GPTQ every linear of one decoder layer in place; return the layer's tensors to store
@@ -122,7 +87,7 @@ def quantize_layer(layer: torch.nn.Module, inputs, grid: Grid, options: Options,
                             f"{module.in_features} inputs: choose a group size that does")
     hessians = collect_hessians(layer, inputs)
     stored = {}
-    for names in _sharing_groups(hessians):
+    for names in sharing_groups(hessians):
         weights = torch.cat([linears[n].weight.data for n in names])
         q, scale, zero = gptq_quantize(weights, hessians[names[0]].matrix(), grid,
                                        options.act_order, options.damp, options.block,
@@ -141,13 +106,6 @@ def quantize_layer(layer: torch.nn.Module, inputs, grid: Grid, options: Options,
         if name.rsplit(".", 1)[0] not in linears:
             stored[name] = tensor
     return stored
-
-
-def _sharing_groups(hessians: dict[str, Hessian]) -> list[list[str]]:
-    groups: dict[int, list[str]] = {}
-    for name, hessian in hessians.items():
-        groups.setdefault(id(hessian), []).append(name)
-    return list(groups.values())
 
 
 def _unsigned(grid: Grid, values: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from edgellm.errors import UserError
 from edgellm.evaluate import MeasureSpec, default_threads, measure_in_subprocess
 from edgellm.models import ModelSource, load_model, load_tokenizer, resolve_source, save_hf_folder
 from edgellm.recipe import REFERENCE, ExportSpec, Recipe, VariantSpec
-from edgellm.report import VariantResult, build_report, write_reports
+from edgellm.report import VariantResult, build_report, model_stats, write_reports
 from edgellm.tools import tool_versions
 
 WORK = "_work"
@@ -132,6 +132,7 @@ def build_reference(source: ModelSource, recipe: Recipe, tokenizer, folder: Path
     publish_dir(staging, folder, key, {"name": REFERENCE, "source": source.label,
                                        "source_sha256": source_hash, "steps": [],
                                        "export": {"format": "torch", "weights": "f32"},
+                                       "model": model_stats(staging),
                                        "tools": tool_versions()})
     console.print(f"reference: saved {folder}")
     return key
@@ -172,6 +173,7 @@ def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: 
         export_artifact(model_dir, staging, variant.export, variant.name, work, calibration)
     publish_dir(staging, folder, key, {"name": variant.name, "spec": spec,
                                        "steps": [s.method for s in variant.compress],
+                                       "model": model_stats(model_dir),
                                        "tools": tool_versions()})
     console.print(f"{variant.name}: built {folder}")
     return key
@@ -213,10 +215,11 @@ def build_step(step: dict, model_dir: Path, model_key: str, out: Path, export: E
     from edgellm.compress import Context, step_identity
 
     context = Context(calibration=calibration, export=export, console=console,
-                      work=out / WORK)
+                      work=out / WORK, teacher=out / REFERENCE)
     key = sha256_json({"input": model_key, "edgellm": __version__,
                        **step_identity(step, context)})
     folder = out / WORK / "steps" / f"{step['method']}-{key[:12]}"
+    context.resume = folder.with_name(folder.name + ".resume")
     if trusted(folder, key):
         console.print(f"[dim]{step['method']}: reusing {folder}[/dim]")
         return folder, key

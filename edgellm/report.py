@@ -22,7 +22,23 @@ COLUMNS = [  # (key, header, format)
     ("ppl", "ppl", "{:.4f}"), ("ppl_delta_pct", "Δppl %", "{:+.3f}"),
     ("prefill_tps", "prefill tok/s", "{:.1f}"), ("decode_tps", "decode tok/s", "{:.1f}"),
     ("ttft_ms", "TTFT ms", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    ("parameters", "params M", "{:.1f}"), ("sparsity", "sparsity", "{:.1%}"),
+    ("steps", "steps", "{}"),
 ]
+SCALED = {"parameters": 1e-6}  # shown in millions
+SPARSE_NOTE = ("Sparsity is the measured fraction of zeros in the decoder's weight matrices. "
+               "Unstructured and N:M zeros are stored densely: torch, llama.cpp and ONNX "
+               "Runtime on CPU skip none of them, so those variants keep the dense size and "
+               "speed; only structured pruning (depth, width) makes a model smaller and faster.")
+
+
+def cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None or value == []:
+        return "–"
+    if isinstance(value, list):
+        return " → ".join(map(str, value))
+    return fmt.format(value * SCALED.get(key, 1))
 
 
 @dataclass
@@ -48,18 +64,34 @@ def artifact_size(path: Path) -> int:
 
 
 def count_parameters(model_dir: Path) -> int:
-    """Parameters of the reference model (a tied lm_head counted once)."""
+    """Parameters of an HF folder's model (a tied lm_head counted once)."""
+    return model_stats(model_dir)["parameters"]
+
+
+def model_stats(model_dir: Path) -> dict:
+    """Parameters, and the measured sparsity of the decoder's weight matrices (the fraction
+    that is exactly zero; None for a packed GPTQ checkpoint, whose zeros mean nothing)."""
     from safetensors import safe_open
 
     config = json.loads((model_dir / "config.json").read_text())
-    total = 0
+    bits = (config.get("quantization_config") or {}).get("bits")
+    total, zeros, matrix_total = 0, 0, 0
     for path in model_dir.glob("*.safetensors"):
-        with safe_open(path, framework="np") as handle:
+        with safe_open(path, framework="pt") as handle:
             for name in handle.keys():
                 if name == "lm_head.weight" and config.get("tie_word_embeddings"):
                     continue
-                total += _numel(handle.get_slice(name).get_shape())
-    return total
+                shape = handle.get_slice(name).get_shape()
+                if name.endswith(".qweight") and bits:
+                    total += _numel(shape) * 32 // bits
+                elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+                    total += _numel(shape)
+                if name.startswith("model.layers.") and name.endswith(".weight") and len(shape) == 2:
+                    tensor = handle.get_tensor(name)
+                    zeros += int((tensor == 0).sum())
+                    matrix_total += tensor.numel()
+    sparsity = zeros / matrix_total if matrix_total and not bits else None
+    return {"parameters": total, "sparsity": sparsity}
 
 
 def _numel(shape) -> int:
@@ -94,6 +126,8 @@ def _variant_row(result: VariantResult, out: Path, params: int, ref_ppl: float,
                  ref_size: int) -> dict:
     m = result.measured
     size = artifact_size(result.artifact)
+    stats = result.manifest.get("model") or {}
+    params = stats.get("parameters") or params
     return {
         "name": result.name,
         "format": result.export.format,
@@ -115,6 +149,8 @@ def _variant_row(result: VariantResult, out: Path, params: int, ref_ppl: float,
         "threads": m["threads"],
         "omp_wait_policy": m["omp_wait_policy"],
         "greedy_tokens": m["greedy_tokens"],
+        "parameters": params,
+        "sparsity": stats.get("sparsity"),
         "steps": result.steps,
         "export": _export_options(result.export),
     }
@@ -130,8 +166,7 @@ def markdown_table(variants: list[dict]) -> str:
     lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
              "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for row in variants:
-        cells = [fmt.format(row[key]) if row.get(key) is not None else "–"
-                 for key, _, fmt in COLUMNS]
+        cells = [cell(row, key, fmt) for key, _, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -148,8 +183,7 @@ def rich_table(variants: list[dict]):
     table = Table(*(header for _, header, _ in columns))
     table.columns[0].no_wrap = True
     for row in variants:
-        table.add_row(*(fmt.format(row[key]) if row.get(key) is not None else "–"
-                        for key, _, fmt in columns))
+        table.add_row(*(cell(row, key, fmt) for key, _, fmt in columns))
     return table
 
 
@@ -168,6 +202,8 @@ def render_markdown(report: dict) -> str:
         f"{machine['omp_wait_policy']}; each variant measured in its own process.",
         f"Machine: {machine['cpu']}, {machine['physical_cores']} cores, "
         f"{machine['memory_gb']} GB, {machine['os']}, Python {machine['python']}.",
+        *([SPARSE_NOTE] if any((row.get("sparsity") or 0) >= 0.01 for row in report["variants"])
+          else []),
         "",
     ])
 

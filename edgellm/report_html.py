@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import io
 
-from edgellm.report import COLUMNS, render_markdown
+from edgellm.report import COLUMNS, cell, render_markdown
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}
 table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;
@@ -40,7 +40,7 @@ def render_html(report: dict) -> str:
     rows = []
     for row in report["variants"]:
         cells = "".join(
-            f"<td>{html.escape(fmt.format(row[key]) if row.get(key) is not None else '–')}</td>"
+            f"<td>{html.escape(cell(row, key, fmt))}</td>"
             for key, _, fmt in COLUMNS)
         rows.append(f"<tr>{cells}</tr>")
     notes = render_markdown(report).split("\n\n", 2)[-1]

@@ -133,9 +133,12 @@ def compress_model(model: str, method: str, settings: list[str], calibration, ou
     folder = _hf_folder(source, out, console, trust_remote_code)
     stem = Path(source.gguf_file).stem if source.gguf_file else Path(source.path).name
     target = out / f"{stem}-{method}"
+    identity = sha256_json([str(folder), step, calibration.model_dump()])
+    resume = out / "_work" / f"{target.name}-{identity[:12]}.resume"
     with staged_dir(target) as staging:
         apply_step(step, folder, staging,
-                   Context(calibration=calibration, console=console, work=out / "_work"))
+                   Context(calibration=calibration, console=console, work=out / "_work",
+                           resume=resume))
     if target.is_dir():
         shutil.rmtree(target)
     os.replace(staging, target)

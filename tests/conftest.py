@@ -39,7 +39,7 @@ def build_tiny_tokenizer(folder: Path):
     return fast
 
 
-def build_tiny_llama(folder: Path, seed: int = 0, tie: bool = True) -> Path:
+def build_tiny_llama(folder: Path, seed: int = 0, tie: bool = True, layers: int = 2) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,7 +47,7 @@ def build_tiny_llama(folder: Path, seed: int = 0, tie: bool = True) -> Path:
     tokenizer = build_tiny_tokenizer(folder)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, tie_word_embeddings=tie,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          rope_theta=10000.0)

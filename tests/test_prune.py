@@ -1,0 +1,106 @@
+"""Unstructured and N:M pruning: the requested sparsity is really there (counted), N:M holds
+in every row, the tied embedding is untouched, SparseGPT's updates beat Wanda's mask alone,
+and bad options are one line, exit 2."""
+
+import pytest
+import torch
+from conftest import run_cli, shared_text
+from safetensors.torch import load_file
+
+from edgellm.compress.prune import Options, lowest_mask, sparsegpt_rows, wanda_rows
+from edgellm.compress.solver import Hessian
+
+CAL = ["--calibration", str(shared_text("wikitext-2-valid.txt")), "--samples", "4", "--seqlen", "64"]
+
+
+def load_tensors(folder):
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def decoder_matrices(tensors):
+    return {n: t for n, t in tensors.items() if n.startswith("model.layers.") and t.dim() == 2}
+
+
+def compress(tiny_llama, tmp_path, method, *settings):
+    args = [f"--set={s}" for s in settings]
+    result = run_cli("compress", tiny_llama, "--method", method, *args, *CAL, "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    return tmp_path / f"{tiny_llama.name}-{method}"
+
+
+def test_lowest_mask_zeroes_exactly_the_fraction_of_each_row():
+    score = torch.rand(7, 40)
+    mask = lowest_mask(score, Options(method="wanda", sparsity=0.3))
+    assert (mask.sum(dim=1) == 12).all()
+    kept_min = score.masked_fill(mask, float("inf")).min(dim=1).values
+    pruned_max = score.masked_fill(~mask, -1).max(dim=1).values
+    assert (pruned_max <= kept_min).all()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_every_decoder_row_has_the_requested_sparsity(tiny_llama, tmp_path, method):
+    pruned = load_tensors(compress(tiny_llama, tmp_path, method, "sparsity=0.5"))
+    original = load_tensors(tiny_llama)
+    matrices = decoder_matrices(pruned)
+    assert len(matrices) == 2 * 7
+    for name, weight in matrices.items():
+        zeros_per_row = (weight == 0).sum(dim=1)
+        assert (zeros_per_row >= weight.shape[1] // 2).all(), name
+        assert (zeros_per_row <= weight.shape[1] // 2 + 1).all(), name  # no dead inputs here
+        assert not torch.equal(weight, original[name])
+    # the tied embedding (the lm_head) and the norms are never pruned
+    for name, tensor in original.items():
+        if name not in matrices:
+            assert torch.equal(pruned[name], tensor), name
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_two_four_pattern_holds_in_every_matrix(tiny_llama, tmp_path, method):
+    pruned = load_tensors(compress(tiny_llama, tmp_path, method, 'pattern="2:4"'))
+    for name, weight in decoder_matrices(pruned).items():
+        nonzero = (weight.reshape(weight.shape[0], -1, 4) != 0).sum(dim=-1)
+        assert (nonzero <= 2).all(), name
+
+
+def correlated_inputs(cols=64, tokens=2048, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=gen) / cols ** 0.5
+    scales = torch.logspace(-1, 1, cols)
+    return (torch.randn(tokens, cols, generator=gen) @ mix) * scales
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_sparsegpt_output_error_beats_wanda_on_the_same_sparsity(pattern):
+    X = correlated_inputs()
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    hessian = Hessian(64)
+    hessian.add(X)
+    options = Options(method="sparsegpt", pattern=pattern) if pattern else \
+        Options(method="sparsegpt", sparsity=0.5)
+    errors = {}
+    for name, rows in (("wanda", wanda_rows), ("sparsegpt", sparsegpt_rows)):
+        pruned = rows(W, hessian.matrix(), options)
+        assert ((pruned == 0).sum(dim=1) >= 32).all()
+        errors[name] = ((X @ (W - pruned).T) ** 2).mean().item()
+    assert errors["sparsegpt"] < 0.95 * errors["wanda"], errors
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("sparsity=1.5", "sparsity"),
+    ("sparsity=0", "sparsity"),
+    ('pattern="4:4"', "N:M"),
+    ('pattern="two:four"', "N:M"),
+    ('pattern="2:5"', "does not divide"),
+    ("sparsity=0.3", "contradicts"),  # with pattern 2:4 below
+])
+def test_bad_prune_options_are_one_line_exit_2(tiny_llama, tmp_path, setting, message):
+    extra = ['--set=pattern="2:4"'] if "contradicts" in message else []
+    result = run_cli("compress", tiny_llama, "--method", "wanda", f"--set={setting}", *extra,
+                     *CAL, "--out", tmp_path / "o")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not list((tmp_path / "o").glob("*-wanda"))
