@@ -16,19 +16,21 @@ from rich.console import Console
 
 from edgellm.pipeline import run_recipe
 from edgellm.recipe import builtin_recipe_path, load_recipe
+from edgellm.report import cell
 
 COLUMNS = [("name", "variant", "{}"), ("size_mb", "size MB", "{:.1f}"),
            ("bits_per_weight", "bpw", "{:.2f}"), ("ppl", "ppl", "{:.3f}"),
            ("ppl_delta_pct", "Δppl %", "{:+.2f}"), ("prefill_tps", "prefill tok/s", "{:.0f}"),
            ("decode_tps", "decode tok/s", "{:.1f}"), ("ttft_ms", "TTFT ms", "{:.0f}"),
-           ("peak_rss_mb", "peak RSS MB", "{:.0f}")]
+           ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("parameters", "params M", "{:.1f}"),
+           ("sparsity", "sparsity", "{:.0%}"), ("steps", "steps", "{}")]
 
 
 def table(variants: list[dict]) -> str:
     lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
              "|" + "|".join("---:" if i else "---" for i in range(len(COLUMNS))) + "|"]
     for row in variants:
-        lines.append("| " + " | ".join(f.format(row[k]) for k, _, f in COLUMNS) + " |")
+        lines.append("| " + " | ".join(cell(row, k, f) for k, _, f in COLUMNS) + " |")
     return "\n".join(lines)
 
 

@@ -59,7 +59,9 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
         load_folder_model(source)
     check_vocab(student, teacher, options.student or source)
     windows = training_windows(teacher_dir, options, context)
-    accelerator = Accelerator()
+    # cpu=True when there is no GPU: accelerate then runs several processes (torchrun,
+    # accelerate launch) as DDP over gloo instead of silently training each alone
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     layer_map = hidden_layer_map(source, student, teacher) if options.hidden_weight else None
     trained = train(student, teacher, windows, options, accelerator, context, layer_map)
     accelerator.wait_for_everyone()

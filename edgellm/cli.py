@@ -103,7 +103,8 @@ def compress(
 
     spec = CalibrationSpec(text=calibration, samples=samples, seqlen=seqlen)
     path = compress_model(model, method, set_ or [], spec, out, console, trust_remote_code)
-    console.print(f"wrote {path}")
+    if path:  # None in the non-first processes of a distributed launch
+        console.print(f"wrote {path}")
 
 
 @app.command()

@@ -111,9 +111,10 @@ def _hf_folder(source: ModelSource, out: Path, console: Console, trust_remote_co
 
 
 def compress_model(model: str, method: str, settings: list[str], calibration, out: Path,
-                   console: Console, trust_remote_code: bool = False) -> Path:
+                   console: Console, trust_remote_code: bool = False) -> Path | None:
     """Apply one compression method to a model and write the result as an HF folder
-    `out/<name>-<method>/`; `settings` are `key=value` method options (TOML values)."""
+    `out/<name>-<method>/`; `settings` are `key=value` method options (TOML values).
+    Returns None in the non-first processes of a distributed launch."""
     import os
     import shutil
 
@@ -129,20 +130,51 @@ def compress_model(model: str, method: str, settings: list[str], calibration, ou
                                "export": {"format": "torch", "weights": "f32"}}]},
                  origin="command line")
     source = resolve_source(model)
+    rank = int(os.environ.get("RANK", "0"))  # set by accelerate launch / torchrun
+    if rank > 0:
+        return _follow(step, source, out, calibration, console, rank)
     prepare_out_dir(out)
     folder = _hf_folder(source, out, console, trust_remote_code)
-    stem = Path(source.gguf_file).stem if source.gguf_file else Path(source.path).name
-    target = out / f"{stem}-{method}"
-    identity = sha256_json([str(folder), step, calibration.model_dump()])
-    resume = out / "_work" / f"{target.name}-{identity[:12]}.resume"
+    target = out / f"{_stem(source)}-{method}"
+    context = Context(calibration=calibration, console=console, work=out / "_work",
+                      resume=_resume_dir(out, target, folder, step, calibration))
     with staged_dir(target) as staging:
-        apply_step(step, folder, staging,
-                   Context(calibration=calibration, console=console, work=out / "_work",
-                           resume=resume))
+        apply_step(step, folder, staging, context)
     if target.is_dir():
         shutil.rmtree(target)
     os.replace(staging, target)
     return target
+
+
+def _stem(source: ModelSource) -> str:
+    return Path(source.gguf_file).stem if source.gguf_file else Path(source.path).name
+
+
+def _resume_dir(out: Path, target: Path, folder: Path, step: dict, calibration) -> Path:
+    identity = sha256_json([str(folder), step, calibration.model_dump()])
+    return out / "_work" / f"{target.name}-{identity[:12]}.resume"
+
+
+def _follow(step: dict, source: ModelSource, out: Path, calibration, console: Console,
+            rank: int) -> None:
+    """A non-first process of a distributed launch (distillation on several GPUs): it trains
+    alongside process 0 and writes nothing; process 0 holds the lock and writes the result."""
+    import shutil
+
+    from edgellm.compress import Context, apply_step
+
+    if source.kind != "hf":
+        raise UserError(f"model {source.path}: a distributed run needs an HF folder: give the "
+                        "folder a one-process `edgellm compress` (e.g. --method depth) wrote")
+    target = out / f"{_stem(source)}-{step['method']}"
+    scratch = out / "_work" / f"rank-{rank}"  # stays empty: only process 0 writes
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        apply_step(step, Path(source.path), scratch,
+                   Context(calibration=calibration, console=console, work=out / "_work",
+                           resume=_resume_dir(out, target, Path(source.path), step, calibration)))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def parse_settings(settings: list[str]) -> dict:

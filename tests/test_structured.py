@@ -181,3 +181,70 @@ def test_student_with_another_vocabulary_is_one_line_exit_2(deep_llama, tmp_path
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "vocab_size" in lines[0] and "tokenizer" in lines[0], lines
+
+
+def test_pruned_models_export_to_gguf_and_onnx_and_score_there_as_in_torch(four_layers, tmp_path):
+    """The recipe chain: width- and depth-pruned (then distilled) models are plain models that
+    llama.cpp and ONNX Runtime run, with torch's perplexity; Wanda's zeros are counted."""
+    from conftest import write_tiny_recipe
+
+    width = '[{ method = "width", ffn = 0.25, heads = 0.5 }]'
+    depth = '[{ method = "depth", drop = 0.5 }, { method = "distill", tokens = 1024, seqlen = 64 }]'
+    variants = "".join(f"""
+[[variant]]
+name = "{name}"
+compress = {chain}
+export = {{ format = "{fmt}", weights = "{weights}" }}
+""" for name, chain, fmt, weights in [
+        ("width-torch", width, "torch", "f32"), ("width-gguf", width, "gguf", "f16"),
+        ("width-onnx", width, "onnx", "f32"), ("depth-torch", depth, "torch", "f32"),
+        ("depth-gguf", depth, "gguf", "f16"), ("depth-onnx", depth, "onnx", "f32"),
+        ("wanda-gguf", '[{ method = "wanda", sparsity = 0.5 }]', "gguf", "f16")])
+    recipe = write_tiny_recipe(tmp_path / "recipe.toml", four_layers, variants)
+    out = tmp_path / "out"
+    result = run_cli("run", recipe, "--out", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    rows = {v["name"]: v for v in report["variants"]}
+    reference = rows["reference"]
+    for kind in ("width", "depth"):
+        torch_row = rows[f"{kind}-torch"]
+        assert torch_row["parameters"] < reference["parameters"]
+        assert torch_row["size_bytes"] < reference["size_bytes"]
+        for fmt in ("gguf", "onnx"):
+            assert abs(rows[f"{kind}-{fmt}"]["ppl"] / torch_row["ppl"] - 1) < 0.005, (kind, fmt)
+    assert rows["depth-gguf"]["steps"] == ["depth", "distill"]
+    assert 0.49 < rows["wanda-gguf"]["sparsity"] < 0.52
+    assert rows["wanda-gguf"]["parameters"] == reference["parameters"]
+    assert reference["sparsity"] < 0.01
+    assert "stored densely" in (out / "report.md").read_text()
+
+
+def test_distillation_under_torchrun_with_two_processes_equals_one_process(four_layers, tmp_path):
+    """accelerate's DDP path on CPU (gloo): two processes of batch 2 see the same windows as
+    one process of batch 4, and process 0 alone writes the result."""
+    import subprocess
+    import sys
+
+    pruned = run_step({"method": "depth", "drop": 0.5}, four_layers, tmp_path)
+    settings = ["--set=tokens=1024", "--set=seqlen=64", f'--set=teacher="{four_layers}"']
+    one = run_cli("compress", pruned, "--method", "distill", *settings, "--set=batch=4", *CAL,
+                  "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "edgellm.cli", "compress", str(pruned), "--method", "distill",
+                          *settings, "--set=batch=2", *CAL, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1
+    name = f"{pruned.name}-distill"
+    assert not list((tmp_path / "two" / "_work").glob("rank-*"))
+    single, double = load_tensors(tmp_path / "one" / name), load_tensors(tmp_path / "two" / name)
+    start = load_tensors(pruned)
+    assert set(single) == set(double)
+    # Adam's first steps move every weight by about ±lr, so float-order noise in the
+    # all-reduced gradients shows; the two runs still took (nearly) the same steps
+    for key, tensor in single.items():
+        moved = (tensor - start[key]).norm()
+        assert (double[key] - tensor).norm() < 0.1 * moved, key
