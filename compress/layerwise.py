@@ -9,6 +9,7 @@ when its turn comes, and what the method writes is saved as one shard per layer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable
@@ -113,6 +114,17 @@ class LayerInputs:
                         use_cache=False)
             outputs[start:start + self.batch] = out[0] if isinstance(out, tuple) else out
         return outputs
+
+
+    @torch.no_grad()
+    def feed(self, layer: torch.nn.Module, stop: tuple[type[Exception], ...] = ()) -> None:
+        """Run the layer over every sample for its hooks' sake, outputs discarded; a hook
+        may raise `stop` to end a sample's forward pass early."""
+        for start in range(0, len(self.hidden), self.batch):
+            chunk = self.hidden[start:start + self.batch]
+            with contextlib.suppress(*stop):
+                layer(chunk, attention_mask=None, position_embeddings=self.position_embeddings,
+                      use_cache=False)
 
 
 ProcessLayer = Callable[[int, torch.nn.Module, LayerInputs], dict[str, torch.Tensor] | None]

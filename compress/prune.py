@@ -27,7 +27,12 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edgellm.compress.hessians import collect_hessians, linear_layers, sharing_groups
+from edgellm.compress.hessians import (
+    collect_hessians,
+    linear_layers,
+    sequential_groups,
+    sharing_groups,
+)
 from edgellm.compress.solver import inverse_factor, obs_sweep
 from edgellm.errors import UserError
 
@@ -40,6 +45,7 @@ class Options(BaseModel):
     pattern: str | None = None  # "N:M": at most N non-zero in every M consecutive inputs
     damp: float = Field(0.01, gt=0, lt=1)  # sparsegpt: Hessian damping, as in GPTQ
     block: int = Field(128, ge=16)  # sparsegpt: columns per lazy block (mask chosen per block)
+    sequential: bool = True  # measure each group's inputs after the earlier groups were pruned
     samples: int | None = Field(None, gt=0)  # calibration windows; default [calibration].samples
 
     @field_validator("pattern")
@@ -95,15 +101,25 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
 
         def process(_index: int, layer: torch.nn.Module, inputs) -> None:
             linears = linear_layers(layer)
-            hessians = collect_hessians(layer, inputs)
-            for names in sharing_groups(hessians):
+            for names, hessian in layer_groups(layer, inputs, options.sequential):
                 weights = torch.cat([linears[n].weight.data for n in names])
-                pruned = prune_rows(weights, hessians[names[0]].matrix(), options)
+                pruned = prune_rows(weights, hessian.matrix(), options)
                 parts = pruned.split([linears[n].out_features for n in names])
                 for name, part in zip(names, parts, strict=True):
                     linears[name].weight.data = part.to(linears[name].weight.dtype).contiguous()
 
         stream_layers(source, dest, ids, process, progress)
+
+
+def layer_groups(layer: torch.nn.Module, inputs, sequential: bool):
+    """(names, Hessian) per group of linears sharing an input: measured one group at a time
+    after the earlier groups were pruned, or all at once on the unpruned layer."""
+    if sequential:
+        yield from sequential_groups(layer, inputs)
+        return
+    hessians = collect_hessians(layer, inputs)
+    for names in sharing_groups(hessians):
+        yield names, hessians[names[0]]
 
 
 def check_pattern_fits(source: Path, options: Options) -> None:

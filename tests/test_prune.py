@@ -104,3 +104,26 @@ def test_bad_prune_options_are_one_line_exit_2(tiny_llama, tmp_path, setting, me
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert not list((tmp_path / "o").glob("*-wanda"))
+
+
+def test_sequential_groups_measure_each_group_after_the_earlier_ones_changed(tiny_llama, tmp_path):
+    from edgellm.compress.calibration import calibration_ids
+    from edgellm.compress.hessians import sequential_groups
+    from edgellm.compress.layerwise import stream_layers
+
+    seen = []
+
+    def process(index, layer, inputs):
+        for names, hessian in sequential_groups(layer, inputs):
+            seen.append((index, names, float(hessian.sum.abs().sum())))
+            if names[0] == "self_attn.q_proj":  # v = 0: attention outputs zeros from now on
+                layer.self_attn.v_proj.weight.data.zero_()
+
+    ids = calibration_ids(tiny_llama, str(shared_text("wikitext-2-valid.txt")), 2, 32)
+    (tmp_path / "out").mkdir()
+    stream_layers(tiny_llama, tmp_path / "out", ids, process)
+    groups = [names for index, names, _ in seen if index == 0]
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                      ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    o_proj = [total for _, names, total in seen if names == ["self_attn.o_proj"]]
+    assert o_proj == [0.0, 0.0]  # o_proj saw the changed v, not the original
