@@ -75,19 +75,19 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
 
 
 def fresh_student(spec: str, teacher):
+    """A randomly initialized model of the config in `spec` (a config.json or HF folder)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(spec)
-    if not path.exists():
-        raise UserError(f"student config {path} does not exist: give a config.json or HF folder")
+    if not (path.is_dir() and (path / "config.json").is_file()) and \
+            not (path.is_file() and path.name == "config.json"):
+        raise UserError(f"student {path} is not a config.json or a folder holding one: "
+                        "give the smaller model's config.json")
     try:
         config = AutoConfig.from_pretrained(path if path.is_dir() else path.parent,
-                                            local_files_only=True) if path.is_dir() or \
-            path.name == "config.json" else None
+                                            local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise UserError(f"student config {path} cannot be read ({exc}): give a config.json") from None
-    if config is None:
-        raise UserError(f"student config {path} is not a config.json or HF folder")
+        raise UserError(f"student config {path} cannot be read ({exc}): fix the file") from None
     torch.manual_seed(SEED)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
@@ -186,7 +186,7 @@ def train(student, teacher, windows, options: Options, accelerator, context, lay
                 if accelerator.is_main_process:
                     save_checkpoint(context.resume, accelerator.unwrap_model(student), optimizer,
                                     scheduler, step + 1)
-    if context.console and accelerator.is_main_process:
+    if context.console and accelerator.is_main_process and start < total_steps:
         context.console.print(f"distill: {total_steps} steps, {total_steps * tokens_per_step:,} "
                               f"tokens, final loss {loss.item():.3f}")
     return accelerator.unwrap_model(student).eval()

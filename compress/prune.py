@@ -43,7 +43,8 @@ class Options(BaseModel):
     method: Literal["magnitude", "wanda", "sparsegpt"]
     sparsity: float | None = Field(None, gt=0, lt=1)  # fraction of weights zeroed per row
     pattern: str | None = None  # "N:M": at most N non-zero in every M consecutive inputs
-    damp: float = Field(0.01, gt=0, lt=1)  # sparsegpt: Hessian damping, as in GPTQ
+    # sparsegpt: Hessian damping; 0.1 measured better than GPTQ's 0.01 on SmolLM2 (README)
+    damp: float = Field(0.1, gt=0, lt=1)
     block: int = Field(128, ge=16)  # sparsegpt: columns per lazy block (mask chosen per block)
     sequential: bool = True  # measure each group's inputs after the earlier groups were pruned
     samples: int | None = Field(None, gt=0)  # calibration windows; default [calibration].samples

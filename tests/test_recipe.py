@@ -18,9 +18,10 @@ def test_builtin_demo_recipe_is_valid():
     recipe = load_recipe(builtin_recipe_path("demo"))
     weights = [v.export.weights for v in recipe.variant]
     assert weights == ["f16", "q8_0", "q4_k_m", "q4_0", "q4_0", "f32", "int4", "q4_0", "q5_0", "int4",
-                       "int8"]
+                       "int8", "f16"]
     assert [v.export.format for v in recipe.variant][5:7] == ["onnx", "onnx"]
-    assert [[s.method for s in v.compress] for v in recipe.variant][-4:] == [["gptq"]] * 4
+    steps = [[s.method for s in v.compress] for v in recipe.variant]
+    assert steps[-5:] == [["gptq"]] * 4 + [["wanda"]]
     assert recipe.eval.ctx == 512 and recipe.eval.max_tokens == 16384
 
 

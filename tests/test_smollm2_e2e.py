@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    result = run_cli("demo", "--out", out, timeout=3600)  # about 20 min on 2 idle cores
+    result = run_cli("demo", "--out", out, timeout=3600)  # about 24 min on 2 idle cores
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     return out, {v["name"]: v for v in report["variants"]}, report, result
@@ -24,7 +24,7 @@ def test_demo_measures_every_variant_on_16k_tokens(demo):
     _, rows, report, _ = demo
     assert list(rows) == ["reference", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-q4_0",
                           "gguf-q4_0-imatrix", "onnx-f32", "onnx-int4", "gguf-gptq-q4_0",
-                          "gguf-gptq-q5_0", "onnx-gptq-int4", "onnx-gptq-int8"]
+                          "gguf-gptq-q5_0", "onnx-gptq-int4", "onnx-gptq-int8", "gguf-wanda50-f16"]
     assert report["eval"]["tokens"] == 16384 and report["eval"]["windows"] == 32
     assert report["eval"]["sha256"].startswith("bbf94c53")
     assert rows["reference"]["runtime"] == "torch"
@@ -95,8 +95,8 @@ def test_rerun_rebuilds_nothing(demo):
     again = run_cli("demo", "--out", out, timeout=900)
     assert again.returncode == 0, again.stderr
     after = {p.parent.name: p.read_text() for p in out.glob("*/manifest.json")}
-    assert after == before and len(after) == 12
-    assert again.stdout.count("up to date") == 12 and ": built" not in again.stdout
+    assert after == before and len(after) == 13
+    assert again.stdout.count("up to date") == 13 and ": built" not in again.stdout
 
 
 def test_gate_on_the_real_report(demo):
@@ -160,3 +160,13 @@ def test_gptq_int8_onnx_keeps_quality(demo):
     int8 = rows["onnx-gptq-int8"]
     assert int8["steps"] == ["gptq"] and int8["weights"] == "int8"
     assert 0 < int8["ppl_delta_pct"] <= 0.6  # measured +0.19% (64 windows); builder RTN int8 +0.69%
+
+
+def test_wanda_halves_the_weights_within_its_quality_bar_at_the_dense_size(demo):
+    _, rows, _, _ = demo
+    wanda, dense = rows["gguf-wanda50-f16"], rows["gguf-f16"]
+    assert wanda["steps"] == ["wanda"]
+    assert 0.5 <= wanda["sparsity"] < 0.51  # counted in the pruned weights
+    assert dense["sparsity"] < 0.01
+    assert wanda["ppl"] < 2.2 * rows["reference"]["ppl"]  # llm-compressor 0.14 here: 2.17x
+    assert wanda["size_bytes"] == dense["size_bytes"]  # zeros stored densely: no size gain
