@@ -9,7 +9,7 @@ teacher) or a fresh model of a smaller config (`student = "config.json"`) that m
 teacher's vocabulary. Training text: the calibration text by default, never the evaluation
 text; windows shuffled with a fixed seed, until the token budget is spent.
 accelerate runs the loop: one CPU process here, or one process per GPU under
-`accelerate launch` / torchrun (DDP; FSDP through an accelerate config); the budget counts
+`accelerate launch` / torchrun (DDP; FSDP is not wired up); the budget counts
 tokens over all processes. A checkpoint (student weights, optimizer, scheduler, step) is
 written atomically every `checkpoint_every` steps; an interrupted run resumes from it.
 """

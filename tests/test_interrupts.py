@@ -34,9 +34,16 @@ export = {{ format = "onnx", weights = "f32" }}
 """
 
 
+def _default_sigint():
+    # a test run started in the background (`make test &`) inherits SIGINT ignored, and so
+    # would the child, as Unix wants for background jobs: give it back the terminal's default
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(recipe, out):
     return subprocess.Popen([sys.executable, "-m", "edgellm.cli", "run", str(recipe), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def _wait_for(path_test, proc, limit=300.0):
