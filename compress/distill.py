@@ -51,6 +51,9 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
     from edgellm.models import load_folder_model
 
     teacher_dir = Path(options.teacher) if options.teacher else context.teacher or Path(source)
+    if not (teacher_dir / "config.json").is_file():
+        raise UserError(f"teacher {teacher_dir} is not an HF model folder (no config.json): "
+                        "give teacher= the folder of the original model")
     if options.student is None and teacher_dir.resolve() == Path(source).resolve():
         raise UserError("distill needs a student different from its teacher: put it after a "
                         "prune step in a recipe, or give student=CONFIG or teacher=FOLDER")

@@ -161,6 +161,7 @@ def test_interrupted_distillation_resumes_to_the_uninterrupted_result(four_layer
     ("width", ["ffn=0"], "ffn > 0 or heads > 0"),
     ("width", ["heads=0.9"], "removes all"),
     ("distill", ["tokens=64"], "student different from its teacher"),
+    ("distill", ["tokens=64", 'teacher="/nonexistent/model"'], "not an HF model folder"),
 ])
 def test_bad_structured_options_are_one_line_exit_2(deep_llama, tmp_path, method, settings, message):
     args = [f"--set={s}" for s in settings]
