@@ -65,6 +65,16 @@ def tiny_llama(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
+def load_tensors(folder: Path) -> dict:
+    """Every tensor of an HF folder's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run `edgellm ARGS` in a fresh process, as a user would."""
     return subprocess.run([sys.executable, "-m", "edgellm.cli", *map(str, args)],

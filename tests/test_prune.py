@@ -4,20 +4,12 @@ and bad options are one line, exit 2."""
 
 import pytest
 import torch
-from conftest import run_cli, shared_text
-from safetensors.torch import load_file
+from conftest import load_tensors, run_cli, shared_text
 
 from edgellm.compress.prune import Options, lowest_mask, sparsegpt_rows, wanda_rows
 from edgellm.compress.solver import Hessian
 
 CAL = ["--calibration", str(shared_text("wikitext-2-valid.txt")), "--samples", "4", "--seqlen", "64"]
-
-
-def load_tensors(folder):
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(path))
-    return tensors
 
 
 def decoder_matrices(tensors):

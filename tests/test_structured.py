@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_llama, run_cli, shared_text
-from safetensors.torch import load_file
+from conftest import build_tiny_llama, load_tensors, run_cli, shared_text
 
 from edgellm.compress import Context, apply_step
 from edgellm.models import load_folder_model
@@ -17,13 +16,6 @@ from edgellm.recipe import CalibrationSpec
 CALIBRATION = CalibrationSpec(text=str(shared_text("wikitext-2-valid.txt")), samples=4, seqlen=64)
 CAL = ["--calibration", CALIBRATION.text, "--samples", "4", "--seqlen", "64"]
 IDS = torch.arange(3, 60)[None]
-
-
-def load_tensors(folder):
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(path))
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +142,9 @@ def test_interrupted_distillation_resumes_to_the_uninterrupted_result(four_layer
     monkeypatch.setattr(distill, "distill_loss", real_loss)
     resumed = run_step(step, pruned, tmp_path / "second", teacher=four_layers, resume=resume)
     assert not resume.exists()  # removed once the step is done
+    resumed_tensors = load_tensors(resumed)
     for name, tensor in load_tensors(clean).items():
-        assert torch.allclose(load_tensors(resumed)[name], tensor, atol=1e-6), name
+        assert torch.allclose(resumed_tensors[name], tensor, atol=1e-6), name
 
 
 @pytest.mark.parametrize("method, settings, message", [
