@@ -28,3 +28,14 @@ def calibration_ids(model_dir: Path, text: str, samples: int, seqlen: int) -> to
             f"calibration text {path} has {len(ids)} tokens, fewer than samples × seqlen = "
             f"{samples} × {seqlen}: lower samples/seqlen or use a longer text")
     return torch.from_numpy(ids.astype(np.int64)).reshape(samples, seqlen)
+
+
+@torch.no_grad()
+def run_windows(model, ids: torch.Tensor, handles: list) -> None:
+    """Run the model over each calibration window for its hooks' sake, then remove the hooks."""
+    try:
+        for window in ids:
+            model(input_ids=window[None], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()

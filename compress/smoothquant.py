@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgellm.compress.calibration import run_windows
 from edgellm.errors import UserError
 
 
@@ -68,12 +69,7 @@ def activation_maxima(model, norms: list[torch.nn.Module], ids: torch.Tensor) ->
         return hook
 
     handles = [norm.register_forward_hook(hook_for(norm)) for norm in norms]
-    try:
-        for window in ids:
-            model(input_ids=window[None], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_windows(model, ids, handles)
     return maxima
 
 

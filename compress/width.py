@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgellm.compress.calibration import run_windows
 from edgellm.errors import UserError
 
 FFN_MULTIPLE = 32  # GGUF quantization block width along down_proj's inputs
@@ -108,12 +109,7 @@ def input_norms(model, ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     for index, layer in enumerate(layers):
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(hook_for(index, "down")))
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook_for(index, "o")))
-    try:
-        for window in ids:
-            model(input_ids=window[None], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_windows(model, ids, handles)
     return [{k: v.sqrt() for k, v in layer.items()} for layer in sums]
 
 
