@@ -91,7 +91,7 @@ def staged_dir(final: Path):
 def publish_dir(staging: Path, final: Path, key: str, record: dict) -> None:
     """Write the manifest (last), then move the staging folder into place."""
     files = {
-        str(p.relative_to(staging)): p.stat().st_size
+        str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(staging.rglob("*")) if p.is_file()
     }
     write_json_atomic(staging / MANIFEST, {"key": key, "files": files, **record})
@@ -113,15 +113,36 @@ def read_manifest(folder: Path) -> dict | None:
 
 
 def trusted(folder: Path, key: str) -> bool:
-    """True when `folder` holds a complete artifact built for `key`."""
+    """True when `folder` holds a complete artifact built for `key`: its manifest matches
+    and every file it lists has the recorded size and content hash."""
     manifest = read_manifest(folder)
     if not manifest or manifest.get("key") != key:
         return False
-    for name, size in manifest.get("files", {}).items():
+    for name, recorded in manifest.get("files", {}).items():
         path = folder / name
-        if not path.is_file() or path.stat().st_size != size:
+        if not isinstance(recorded, dict) or not path.is_file():
+            return False
+        if path.stat().st_size != recorded.get("size"):
+            return False
+        if sha256_file(path) != recorded.get("sha256"):
             return False
     return True
+
+
+def clear_leftovers(out: Path) -> list[Path]:
+    """Remove what killed runs left under `out`: staging folders (`.<name>.partial`) and
+    temporary files (`.<name>.tmp-<pid>`). Call it only while holding the folder's lock,
+    when no other run can be writing them. Returns what it removed."""
+    removed = []
+    for path in sorted(Path(out).rglob(".*"), key=lambda p: len(p.parts)):
+        if not (path.name.endswith(".partial") or ".tmp-" in path.name) or not path.exists():
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path)
+    return removed
 
 
 def dir_size(folder: Path, suffixes: tuple[str, ...] | None = None) -> int:

@@ -20,27 +20,40 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+PickleOption = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Read a model folder of pickle weights (.bin/.pt); only for files "
+    "you trust. Loaded with weights_only=True and saved as safetensors.")]
+ForceOption = Annotated[bool, typer.Option(
+    help="Go on when the estimated memory or disk need exceeds what the machine has.")]
+TrustOption = Annotated[bool, typer.Option(help="Allow model code from the folder.")]
 
 
 @app.command()
 def demo(out: OutOption = Path("edgellm-demo"),
-         remeasure: Annotated[bool, typer.Option(help="Measure again even if cached.")] = False):
+         remeasure: Annotated[bool, typer.Option(help="Measure again even if cached.")] = False,
+         force: ForceOption = False):
     """Run the built-in recipe on the embedded SmolLM2-135M (torch, GGUF f16/q8_0/q4_k_m/q4_0)."""
     from edgellm.recipe import builtin_recipe_path
 
-    run(builtin_recipe_path("demo"), out, remeasure)
+    run(builtin_recipe_path("demo"), out, remeasure, allow_pickle=False, force=force)
 
 
 @app.command()
 def run(recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
         out: OutOption = Path("edgellm-out"),
-        remeasure: Annotated[bool, typer.Option(help="Measure again even if cached.")] = False):
+        remeasure: Annotated[bool, typer.Option(help="Measure again even if cached.")] = False,
+        allow_pickle: PickleOption = False, force: ForceOption = False):
     """Build every variant of RECIPE, measure each in its runtime, write report.json/.md/.html."""
+    from edgellm.errors import no_room_is_user_error
     from edgellm.pipeline import run_recipe
     from edgellm.recipe import load_recipe
     from edgellm.report import rich_table
 
-    report = run_recipe(load_recipe(recipe), out, console, remeasure)
+    spec = load_recipe(recipe)
+    if allow_pickle:
+        spec.model.allow_pickle = True
+    with no_room_is_user_error(out):
+        report = run_recipe(spec, out, console, remeasure, force)
     console.print(rich_table(report["variants"]))
 
 
@@ -71,16 +84,21 @@ def eval_command(
 def export(
     model: Annotated[str, typer.Argument(help="Built-in name, HF folder, .gguf file or hub id.")],
     to: Annotated[str, typer.Option(help="gguf, onnx or ort (ONNX Runtime Mobile).")] = "gguf",
-    weights: Annotated[str, typer.Option(help="gguf: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, "
-                                              "q4_0, q3_k_m, q2_k, ...; onnx/ort: f32, int8, "
-                                              "int4")] = "f16",
+    weights: Annotated[str | None, typer.Option(
+        help="gguf: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q3_k_m, q2_k, ...; "
+             "onnx/ort: f32, int8, int4. Default: f16 for gguf, f32 for onnx/ort.")] = None,
     out: OutOption = Path("edgellm-export"),
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the folder.")] = False,
+    trust_remote_code: TrustOption = False,
+    allow_pickle: PickleOption = False,
+    force: ForceOption = False,
 ):
     """Export MODEL to a deployable GGUF file or ONNX/ORT folder and print its path."""
+    from edgellm.errors import no_room_is_user_error
     from edgellm.standalone import export_model
 
-    path = export_model(model, to, weights, out, console, trust_remote_code)
+    with no_room_is_user_error(out):
+        path = export_model(model, to, weights, out, console, trust_remote_code, allow_pickle,
+                            force)
     console.print(f"wrote {path}")
 
 
@@ -96,14 +114,19 @@ def compress(
     samples: Annotated[int, typer.Option(min=1, help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(min=16, help="Tokens per calibration window.")] = 512,
     out: OutOption = Path("edgellm-compress"),
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the folder.")] = False,
+    trust_remote_code: TrustOption = False,
+    allow_pickle: PickleOption = False,
+    force: ForceOption = False,
 ):
     """Apply one compression method to MODEL and write an HF folder; print its path."""
+    from edgellm.errors import no_room_is_user_error
     from edgellm.recipe import CalibrationSpec
     from edgellm.standalone import compress_model
 
     spec = CalibrationSpec(text=calibration, samples=samples, seqlen=seqlen)
-    path = compress_model(model, method, set_ or [], spec, out, console, trust_remote_code)
+    with no_room_is_user_error(out):
+        path = compress_model(model, method, set_ or [], spec, out, console, trust_remote_code,
+                              allow_pickle, force)
     if path:  # None in the non-first processes of a distributed launch
         console.print(f"wrote {path}")
 

@@ -111,6 +111,9 @@ def _latency(runtime, prompt: np.ndarray, decode_tokens: int) -> dict:
             "decode_tokens": len(timed.tokens)}
 
 
+USER_ERROR_PREFIX = "edgellm-user-error: "  # a measuring child's bad-input line
+
+
 def measure_in_subprocess(spec: MeasureSpec, work: Path) -> dict:
     """Score in one fresh process, time in another: each loads only its runtime, and the
     latency process's peak RSS is what an app running this artifact would hold."""
@@ -136,6 +139,8 @@ def _run_phase(spec: MeasureSpec, phase: str, work: Path) -> dict:
         fallback = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
                     else f"exit code {proc.returncode}, no message")
         lines = (proc.stderr or "").strip().splitlines() or [fallback]
+        if proc.returncode == 2 and lines[-1].startswith(USER_ERROR_PREFIX):
+            raise UserError(lines[-1].removeprefix(USER_ERROR_PREFIX))
         raise MeasureError(f"{phase} of {spec.artifact} failed in the {spec.fmt} runtime: "
                            f"{lines[-1]}", proc.stderr)
     result = json.loads(result_path.read_text())

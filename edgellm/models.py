@@ -1,6 +1,9 @@
 """Resolve a model source (built-in name, HF folder, .gguf file, hub id) and load it with transformers.
 
-Loading rules: safetensors only (never pickle); `trust_remote_code` off unless asked;
+Loading rules: safetensors only, their headers checked before loading; pickle checkpoints
+refused unless the user passes --allow-pickle (then read with torch's `weights_only=True`
+and saved as safetensors at once); `trust_remote_code` off unless asked; a folder whose
+weights do not cover its config is refused rather than run with random tensors;
 GGUF files are dequantized by transformers (`gguf_file=`) and their quantizer state is
 dropped so the model can be saved as a plain HF folder.
 """
@@ -10,10 +13,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgellm.errors import UserError
+from edgellm.gguf_bounds import check_gguf_layout
 
 BUILTIN_MODELS = {
     # name: (python package that ships the file, file name inside it, pip command to get it)
@@ -24,8 +29,6 @@ BUILTIN_MODELS = {
     ),
 }
 
-GGUF_MAGIC = b"GGUF"
-
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -35,6 +38,7 @@ class ModelSource:
     path: str  # folder, hub id, or the folder holding the .gguf file
     gguf_file: str | None = None
     label: str = ""
+    pickle: bool = False  # an HF folder with pickle weights the user allowed (--allow-pickle)
 
     def files(self) -> list[Path]:
         """The files whose content identifies this model (for content hashing)."""
@@ -43,7 +47,7 @@ class ModelSource:
         folder = Path(self.path)
         if not folder.is_dir():
             return []
-        keep = (".safetensors", ".json", ".model", ".txt", ".jinja")
+        keep = (".safetensors", ".json", ".model", ".txt", ".jinja", *PICKLE_SUFFIXES)
         return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in keep)
 
 
@@ -59,7 +63,7 @@ def builtin_gguf_path(name: str) -> Path:
     return path
 
 
-def resolve_source(source: str) -> ModelSource:
+def resolve_source(source: str, allow_pickle: bool = False) -> ModelSource:
     """Turn the user's model argument into a ModelSource, checking it exists and looks right."""
     if source in BUILTIN_MODELS:
         path = builtin_gguf_path(source)
@@ -68,7 +72,7 @@ def resolve_source(source: str) -> ModelSource:
     if path.suffix == ".gguf" or path.is_file():
         return _gguf_source(path)
     if path.is_dir():
-        return _hf_folder_source(path)
+        return _hf_folder_source(path, allow_pickle)
     if _looks_like_hub_id(source):
         return _hub_source(source)
     known = ", ".join(sorted(BUILTIN_MODELS))
@@ -83,53 +87,75 @@ def _gguf_source(path: Path) -> ModelSource:
         raise UserError(f"model file {path} does not exist: check the path")
     if path.is_dir():
         raise UserError(f"model {path} is a folder, not a .gguf file: pass the file inside it")
-    with open(path, "rb") as handle:
-        header = handle.read(24)
-    if header[:4] != GGUF_MAGIC:
-        raise UserError(
-            f"model file {path} is not a GGUF file (bad magic): pass a .gguf file or an HF folder"
-        )
-    check_gguf_header(path, header)
-    return ModelSource("gguf", str(path.parent.resolve()), path.name, label=str(path))
+    check_gguf_layout(path)
+    return ModelSource("gguf", str(path.parent.resolve()), path.name,
+                       label=str(path))
 
 
-# smallest possible encodings: a tensor info (name length, 1 dim, type, offset) and a
-# key/value pair (key length, value type, a one-byte value)
-MIN_TENSOR_INFO_BYTES, MIN_KV_BYTES = 8 + 4 + 8 + 4 + 8, 8 + 4 + 1
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
-def check_gguf_header(path: Path, header: bytes) -> None:
-    """Refuse a GGUF whose header cannot be true before any reader allocates for it: a
-    truncated header, an unknown version, or tensor/key counts the file is too small to
-    hold (a crafted file claiming 2^60 tensors would otherwise drive allocations)."""
-    import struct
-
-    if len(header) < 24:
-        raise UserError(f"model file {path} is truncated (GGUF header incomplete): "
-                        "download or export it again")
-    version, tensors, kvs = struct.unpack("<IQQ", header[4:24])
-    if version not in (2, 3):
-        raise UserError(f"model file {path} has GGUF version {version}; edgellm reads versions "
-                        "2 and 3: re-export it with a current llama.cpp or edgellm")
-    size = path.stat().st_size
-    if tensors * MIN_TENSOR_INFO_BYTES + kvs * MIN_KV_BYTES > size:
-        raise UserError(f"model file {path} claims {tensors} tensors and {kvs} metadata keys, "
-                        f"more than its {size} bytes can hold: the file is corrupt or crafted")
-
-
-def _hf_folder_source(folder: Path) -> ModelSource:
+def _hf_folder_source(folder: Path, allow_pickle: bool = False) -> ModelSource:
     if not (folder / "config.json").is_file():
         raise UserError(
             f"model folder {folder} has no config.json: pass a Hugging Face model folder"
         )
-    if not any(folder.glob("*.safetensors")):
-        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-            raise UserError(
-                f"model folder {folder} holds only pickle weights (.bin/.pt), which can run code: "
-                "convert it to safetensors first"
-            )
+    weights = sorted(folder.glob("*.safetensors"))
+    if weights:
+        for path in weights:
+            check_safetensors_header(path)
+        return ModelSource("hf", str(folder.resolve()), label=str(folder))
+    if not any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
         raise UserError(f"model folder {folder} has no .safetensors weights: add them")
-    return ModelSource("hf", str(folder.resolve()), label=str(folder))
+    if not allow_pickle:
+        raise UserError(
+            f"model folder {folder} holds only pickle weights (.bin/.pt), which can run code: "
+            "convert it to safetensors, or pass --allow-pickle to run, export or compress if you "
+            "trust its origin"
+        )
+    sys.stderr.write(f"warning: reading pickle weights from {folder} (--allow-pickle; "
+                     "torch.load with weights_only=True); edgellm saves them as safetensors\n")
+    return ModelSource("hf", str(folder.resolve()), label=str(folder), pickle=True)
+
+
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
+
+
+def check_safetensors_header(path: Path) -> None:
+    """Refuse a truncated or corrupt .safetensors file from its header alone, before a
+    loader maps it: the header must be JSON of a sane length, and every tensor's byte
+    range must lie inside the file."""
+    import struct
+
+    size = path.stat().st_size
+
+    def corrupt(why: str) -> UserError:
+        return UserError(f"model file {path} is truncated or corrupt ({why}): "
+                         "download or save the model again")
+
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise corrupt("no header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(MAX_SAFETENSORS_HEADER, size - 8):
+            raise corrupt(f"header claims {length} bytes")
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError):
+            raise corrupt("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    data_bytes = size - 8 - length
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise corrupt(f"tensor {name} has no valid data_offsets")
+        if offsets[1] > data_bytes:
+            raise corrupt(f"tensor {name} ends at byte {offsets[1]}, the data holds {data_bytes}")
 
 
 def _hub_source(repo_id: str) -> ModelSource:
@@ -190,13 +216,17 @@ def load_model(source: ModelSource, trust_remote_code: bool = False, dtype: str 
     )
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
+    elif source.pickle:  # allowed by the user; never unpickle arbitrary objects
+        kwargs.update(use_safetensors=False, weights_only=True)
     elif Path(source.path).is_dir() and not trust_remote_code:
         with _hub_errors(source):
             return load_folder_model(Path(source.path), dtype)
     else:
         kwargs["use_safetensors"] = True
     with _hub_errors(source):
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source.path, output_loading_info=True,
+                                                           **kwargs)
+    check_loading_info(info, source.label or source.path)
     if source.kind == "gguf":
         drop_gguf_quantizer(model)
     model.eval()
@@ -217,11 +247,25 @@ def load_folder_model(folder: Path, dtype: str = "float32", runtime_quantization
     if is_gptq_folder(folder):
         model = load_dequantized(Path(folder), getattr(torch, dtype))
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True).eval()
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True,
+            output_loading_info=True)
+        check_loading_info(info, folder)
+        model.eval()
     if runtime_quantization and getattr(model.config, RUNTIME_QUANT_KEY, None) == "int8-dynamic":
         int8_dynamic(model, folder)
     return model
+
+
+def check_loading_info(info: dict, name) -> None:
+    """Refuse a model whose weight files do not fill the architecture its config names
+    (transformers would run the missing tensors at their random initial values)."""
+    missing = info.get("missing_keys") or []
+    if missing:
+        listed = ", ".join(sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
+        raise UserError(f"model {name}: its weights lack {len(missing)} tensor(s) the "
+                        f"architecture in config.json needs ({listed}): the config and weights "
+                        "do not belong together; fix config.json or pass the right folder")
 
 
 # config.json key of a torch export with weights "int8": quantize when the runtime loads it
@@ -306,7 +350,13 @@ def gguf_metadata(path: Path, keys_prefix: tuple[str, ...] = GGUF_SCALAR_KEYS) -
     """Small scalar metadata of a GGUF file (not the vocabulary arrays)."""
     import gguf
 
-    reader = gguf.GGUFReader(path)
+    check_gguf_layout(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # gguf-py's parse errors have no common type
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"model file {path} is a corrupt GGUF ({first}): download or export it "
+                        "again") from None
     meta = {}
     for key, field in reader.fields.items():
         if key.startswith(keys_prefix):

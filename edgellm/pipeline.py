@@ -17,6 +17,9 @@ from rich.console import Console
 
 from edgellm import __version__
 from edgellm.artifacts import (
+    MANIFEST,
+    atomic_path,
+    clear_leftovers,
     lock_out_dir,
     publish_dir,
     read_json,
@@ -33,6 +36,7 @@ from edgellm.evaluate import MeasureSpec, default_threads, measure_in_subprocess
 from edgellm.models import ModelSource, load_model, load_tokenizer, resolve_source, save_hf_folder
 from edgellm.recipe import REFERENCE, ExportSpec, Recipe, VariantSpec
 from edgellm.report import VariantResult, build_report, model_stats, write_reports
+from edgellm.resources import Need, check_room, count_parameters, export_need, load_need
 from edgellm.tools import tool_versions
 
 WORK = "_work"
@@ -47,11 +51,12 @@ class EvalInput:
 
 
 def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
-               remeasure: bool = False) -> dict:
-    """Build, measure and report every variant; returns the report dict."""
+               remeasure: bool = False, force: bool = False) -> dict:
+    """Build, measure and report every variant; returns the report dict. `force` goes on
+    when the resource guard estimates too little memory or disk."""
     console = console or Console()
     out = Path(out)
-    source = resolve_source(recipe.model.source)
+    source = resolve_source(recipe.model.source, recipe.model.allow_pickle)
     text_path = resolve_text(recipe.eval.text)
     text, text_sha = read_text(text_path)
     _check_text_length(text, recipe.eval.ctx, text_path)
@@ -64,6 +69,7 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
         tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
         ids = tokenize(tokenizer, text, recipe.eval.max_tokens)
     token_windows(ids, recipe.eval.ctx, source=str(text_path))
+    check_room(recipe_needs(recipe, source, out), out, force)
     prepare_out_dir(out)  # only now, so bad input leaves nothing behind
     reference_key = build_reference(source, recipe, tokenizer, out / REFERENCE, console)
     eval_input = save_eval_ids(out, ids, text_path, text_sha)
@@ -81,6 +87,20 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     for path in paths:
         console.print(f"wrote {path}")
     return report
+
+
+def recipe_needs(recipe: Recipe, source: ModelSource, out: Path) -> list[Need]:
+    """Memory and disk for what is left to build: the reference and the variants that have
+    no manifest yet (a rough count: a stale variant rebuilt later is not foreseen)."""
+    params = count_parameters(source.files())
+    needs = []
+    if not (out / REFERENCE / MANIFEST).is_file():
+        needs.append(load_need(params))
+    for variant in recipe.variant:
+        if not (out / variant.name / MANIFEST).is_file():
+            needs.append(export_need(params, variant.export.format, variant.export.weights,
+                                     [s.method for s in variant.compress]))
+    return needs
 
 
 def check_steps(recipe: Recipe) -> None:
@@ -108,6 +128,7 @@ def prepare_out_dir(out: Path) -> None:
         raise UserError(f"cannot create output folder {out} ({exc.strerror}): "
                         "choose a writable --out") from None
     lock_out_dir(out)
+    clear_leftovers(out)  # safe: the lock says no other run is writing here
 
 
 def _check_text_length(text: str, ctx: int, path: Path) -> None:
@@ -141,9 +162,8 @@ def build_reference(source: ModelSource, recipe: Recipe, tokenizer, folder: Path
 def save_eval_ids(out: Path, ids: np.ndarray, text_path: Path, text_sha: str) -> EvalInput:
     ids_path = out / WORK / f"eval-ids-{sha256_json([text_sha, ids.tolist()])[:16]}.npy"
     if not ids_path.is_file():
-        tmp = ids_path.with_name(ids_path.stem + ".partial.npy")
-        np.save(tmp, ids)
-        tmp.replace(ids_path)
+        with atomic_path(ids_path) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, ids)
     return EvalInput(text_path, text_sha, ids_path, len(ids))
 
 

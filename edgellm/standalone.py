@@ -13,6 +13,7 @@ from edgellm.errors import UserError
 from edgellm.evaluate import MeasureSpec, default_threads, measure_in_subprocess
 from edgellm.models import ModelSource, load_model, load_tokenizer, resolve_source, save_hf_folder
 from edgellm.report import artifact_size
+from edgellm.resources import check_room, count_parameters, export_need, load_need
 
 
 def eval_artifact(artifact: str, text: str, ctx: int, max_tokens: int | None,
@@ -57,10 +58,15 @@ def _artifact_kind(artifact: str) -> tuple[str, Path, ModelSource]:
     return "torch", Path(source.path), source
 
 
-def export_model(model: str, to: str, weights: str, out: Path, console: Console,
-                 trust_remote_code: bool = False) -> Path:
+DEFAULT_WEIGHTS = {"gguf": "f16", "onnx": "f32", "ort": "f32"}  # the lossless type of each
+
+
+def export_model(model: str, to: str, weights: str | None, out: Path, console: Console,
+                 trust_remote_code: bool = False, allow_pickle: bool = False,
+                 force: bool = False) -> Path:
     """Export a model to `out/<name>-<weights>.gguf`, or the folder `out/<name>-<weights>-onnx/`
-    (`-ort/`) holding the ONNX (ORT-format) model, its genai_config.json and tokenizer."""
+    (`-ort/`) holding the ONNX (ORT-format) model, its genai_config.json and tokenizer.
+    `weights` None takes the format's lossless type."""
     import os
     import shutil
 
@@ -72,10 +78,13 @@ def export_model(model: str, to: str, weights: str, out: Path, console: Console,
 
     if to not in ("gguf", "onnx", "ort"):
         raise UserError(f"export target '{to}' is not supported: use --to gguf, onnx or ort")
+    weights = weights or DEFAULT_WEIGHTS[to]
     if weights not in weights_for(to):
         raise UserError(f"weights '{weights}' not available for {to}: use one of "
                         f"{', '.join(weights_for(to))}")
-    source = resolve_source(model)
+    source = resolve_source(model, allow_pickle)
+    params = count_parameters(source.files())
+    check_room([load_need(params), export_need(params, to, weights, [])], out, force)
     prepare_out_dir(out)
     folder = _hf_folder(source, out, console, trust_remote_code)
     stem = Path(source.gguf_file).stem if source.gguf_file else Path(source.path).name
@@ -94,15 +103,18 @@ def export_model(model: str, to: str, weights: str, out: Path, console: Console,
 
 
 def _hf_folder(source: ModelSource, out: Path, console: Console, trust_remote_code: bool) -> Path:
-    """An HF folder for the exporter: the source itself, or a saved copy of a GGUF source."""
-    if source.kind == "hf":
+    """An HF folder for the exporter: the source itself, or a saved safetensors copy of a
+    GGUF source or of pickle weights."""
+    if source.kind == "hf" and not source.pickle:
         return Path(source.path)
     from edgellm.artifacts import publish_dir, staged_dir, trusted
 
     key = sha256_json({"source": sha256_files(source.files())})
     folder = out / "_work" / f"hf-{key[:12]}"
     if not trusted(folder, key):
-        with console.status("loading the GGUF into torch (dequantizing)"), \
+        what = "loading the GGUF into torch (dequantizing)" if source.kind == "gguf" \
+            else "loading the pickle weights into torch"
+        with console.status(what), \
                 staged_dir(folder) as staging:
             save_hf_folder(load_model(source, trust_remote_code),
                            load_tokenizer(source, trust_remote_code), source, staging)
@@ -111,7 +123,8 @@ def _hf_folder(source: ModelSource, out: Path, console: Console, trust_remote_co
 
 
 def compress_model(model: str, method: str, settings: list[str], calibration, out: Path,
-                   console: Console, trust_remote_code: bool = False) -> Path | None:
+                   console: Console, trust_remote_code: bool = False, allow_pickle: bool = False,
+                   force: bool = False) -> Path | None:
     """Apply one compression method to a model and write the result as an HF folder
     `out/<name>-<method>/`; `settings` are `key=value` method options (TOML values).
     Returns None in the non-first processes of a distributed launch."""
@@ -129,10 +142,12 @@ def compress_model(model: str, method: str, settings: list[str], calibration, ou
                   "variant": [{"name": "cli", "compress": [step],
                                "export": {"format": "torch", "weights": "f32"}}]},
                  origin="command line")
-    source = resolve_source(model)
+    source = resolve_source(model, allow_pickle)
     rank = int(os.environ.get("RANK", "0"))  # set by accelerate launch / torchrun
     if rank > 0:
         return _follow(step, source, out, calibration, console, rank)
+    params = count_parameters(source.files())
+    check_room([load_need(params), export_need(params, "torch", "f32", [method])], out, force)
     prepare_out_dir(out)
     folder = _hf_folder(source, out, console, trust_remote_code)
     target = out / f"{_stem(source)}-{method}"

@@ -106,7 +106,10 @@ def _hf_tensors(folder: Path, config: dict):
     checkpoint's quantized linears come as (`….weight`, PackedLinear)."""
     tied = config.get("tie_word_embeddings", False)
     tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"model folder {folder} has no .safetensors weights to export: add them")
+    for path in files:
         with safe_open(path, framework="pt") as handle:
             for name in handle.keys():
                 if not (tied and name == "lm_head.weight"):

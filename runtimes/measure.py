@@ -12,7 +12,8 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edgellm.artifacts import write_json_atomic
-from edgellm.evaluate import MeasureSpec, measure
+from edgellm.errors import UserError
+from edgellm.evaluate import USER_ERROR_PREFIX, MeasureSpec, measure
 
 
 def main(phase: str, spec_path: str, result_path: str) -> int:
@@ -24,6 +25,9 @@ def main(phase: str, spec_path: str, result_path: str) -> int:
             result = measure(spec, phase, progress)
     except KeyboardInterrupt:
         return 130
+    except UserError as exc:  # the parent shows this line as it is
+        sys.stderr.write(f"{USER_ERROR_PREFIX}{exc}\n")
+        return 2
     write_json_atomic(Path(result_path), result)
     return 0
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edgellm.errors import UserError
 from edgellm.runtimes import Generation, nll_of_targets, timed_greedy
 
 DEFAULT_PROVIDER = "CPUExecutionProvider"
@@ -36,7 +37,14 @@ class OrtRuntime:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.version = f"onnxruntime {ort.__version__} ({provider})"
-        self.session = ort.InferenceSession(str(model), options, providers=[provider])
+        try:
+            self.session = ort.InferenceSession(str(model), options, providers=[provider])
+        except (ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
+                ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+                ort.capi.onnxruntime_pybind11_state.Fail) as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            raise UserError(f"model file {model} is not a valid ONNX/ORT model ({first}): "
+                            "export it again with `edgellm export --to onnx`") from None
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_")]
         self.past_dtype = np.float16 if "float16" in self.past_inputs[0].type else np.float32
         self.output_names = [o.name for o in self.session.get_outputs()]

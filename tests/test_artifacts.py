@@ -4,6 +4,7 @@ import pytest
 
 from edgellm.artifacts import (
     atomic_path,
+    clear_leftovers,
     fresh_staging_dir,
     publish_dir,
     read_manifest,
@@ -37,9 +38,38 @@ def test_publish_then_trust_and_detect_tampering(tmp_path):
     assert not staging.exists()
     assert trusted(final, "key-1")
     assert not trusted(final, "key-2")
+    recorded = read_manifest(final)["files"]["model.gguf"]
+    assert recorded["size"] == 100 and len(recorded["sha256"]) == 64
+    (final / "model.gguf").write_bytes(b"y" * 100)  # same size, other bytes: bit rot or a user
+    assert not trusted(final, "key-1")
     (final / "model.gguf").write_bytes(b"x" * 50)  # truncated by a crash or a user
     assert not trusted(final, "key-1")
-    assert read_manifest(final)["files"] == {"model.gguf": 100}
+    (final / "model.gguf").write_bytes(b"x" * 100)
+    assert trusted(final, "key-1")
+
+
+def test_a_manifest_without_hashes_is_not_trusted(tmp_path):
+    final = tmp_path / "variant"
+    final.mkdir()
+    (final / "model.gguf").write_bytes(b"x" * 100)
+    (final / "manifest.json").write_text('{"key": "k", "files": {"model.gguf": 100}}')
+    assert not trusted(final, "k")  # an older edgellm's manifest: rebuilt, not trusted
+
+
+def test_clear_leftovers_removes_staging_and_temp_files_only(tmp_path):
+    (tmp_path / ".f16.partial" / "sub").mkdir(parents=True)
+    (tmp_path / "_work" / "steps" / ".gptq-abc.partial").mkdir(parents=True)
+    (tmp_path / ".report.json.tmp-4242").write_text("{")
+    (tmp_path / "_work" / ".eval-ids-1.npy.tmp-77").write_bytes(b"x")
+    keep = [tmp_path / "f16" / "model.gguf", tmp_path / "_work" / "steps" / "distill-1.resume" / "a",
+            tmp_path / ".edgellm.lock", tmp_path / "report.json"]
+    for path in keep:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    removed = clear_leftovers(tmp_path)
+    assert len(removed) == 4
+    assert all(path.exists() for path in keep)
+    assert not any(".partial" in p.name or ".tmp-" in p.name for p in tmp_path.rglob("*"))
 
 
 def test_unpublished_staging_is_never_trusted(tmp_path):

@@ -1,0 +1,114 @@
+"""Bounds check of a GGUF file's header, metadata and tensor table before any reader parses it.
+
+gguf-py's GGUFReader trusts the counts and lengths it reads: a crafted file claiming an
+array of 2^40 strings keeps it looping for hours (found by tests/test_fuzz.py), and
+transformers' GGUF loader uses the same reader. No maintained library validates a GGUF
+against its own size, so this walk is written here: it reads every length-prefixed field
+of the metadata and tensor table, checking each against the bytes that remain, and stops
+at the first one that cannot be true. It allocates nothing in proportion to a claimed size.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from pathlib import Path
+
+from edgellm.errors import UserError
+
+GGUF_MAGIC = b"GGUF"
+HEADER_BYTES = 24  # magic, version (u32), tensor count (u64), metadata key count (u64)
+# smallest possible encodings: a tensor info (name length, 1 dim, type, offset) and a
+# key/value pair (key length, value type, a one-byte value)
+MIN_TENSOR_INFO_BYTES, MIN_KV_BYTES = 8 + 4 + 8 + 4 + 8, 8 + 4 + 1
+# GGUF value types (gguf.GGUFValueType): fixed sizes of the scalar ones
+SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+STRING, ARRAY = 8, 9
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ARRAY_NESTING = 2
+
+
+def check_gguf_header(path: Path, header: bytes) -> None:
+    """Refuse a GGUF whose 24-byte header cannot be true: truncated, an unknown version,
+    or tensor/key counts the file is too small to hold."""
+    if len(header) < HEADER_BYTES:
+        raise UserError(f"model file {path} is truncated (GGUF header incomplete): "
+                        "download or export it again")
+    version, tensors, kvs = struct.unpack("<IQQ", header[4:HEADER_BYTES])
+    if version not in (2, 3):
+        raise UserError(f"model file {path} has GGUF version {version}; edgellm reads versions "
+                        "2 and 3: re-export it with a current llama.cpp or edgellm")
+    size = path.stat().st_size
+    if tensors * MIN_TENSOR_INFO_BYTES + kvs * MIN_KV_BYTES > size:
+        raise UserError(f"model file {path} claims {tensors} tensors and {kvs} metadata keys, "
+                        f"more than its {size} bytes can hold: the file is corrupt or crafted")
+
+
+def check_gguf_layout(path: Path) -> None:
+    """Walk the whole metadata and tensor table; refuse the file at the first field whose
+    claimed length or count runs past the end of the file."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        header = handle.read(HEADER_BYTES)
+        if header[:4] != GGUF_MAGIC:
+            raise UserError(f"model file {path} is not a GGUF file (bad magic): pass a .gguf "
+                            "file or an HF folder")
+        check_gguf_header(path, header)
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _Walker(data, path).walk(*struct.unpack("<QQ", header[8:HEADER_BYTES]))
+
+
+class _Walker:
+    def __init__(self, data: mmap.mmap, path: Path):
+        self.data, self.path, self.pos = data, path, HEADER_BYTES
+
+    def corrupt(self, what: str) -> UserError:
+        return UserError(f"model file {self.path} is corrupt or crafted ({what} at byte "
+                         f"{self.pos} runs past its {len(self.data)} bytes): download or "
+                         "export it again")
+
+    def take(self, count: int, what: str) -> int:
+        if count < 0 or self.pos + count > len(self.data):
+            raise self.corrupt(what)
+        start, self.pos = self.pos, self.pos + count
+        return start
+
+    def u32(self, what: str) -> int:
+        return struct.unpack_from("<I", self.data, self.take(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return struct.unpack_from("<Q", self.data, self.take(8, what))[0]
+
+    def string(self, what: str) -> None:
+        self.take(self.u64(f"{what} length"), what)
+
+    def value(self, kind: int, what: str, depth: int = 0) -> None:
+        if kind in SCALAR_BYTES:
+            self.take(SCALAR_BYTES[kind], what)
+        elif kind == STRING:
+            self.string(what)
+        elif kind == ARRAY and depth < MAX_ARRAY_NESTING:
+            item, count = self.u32(f"{what} item type"), self.u64(f"{what} count")
+            smallest = SCALAR_BYTES.get(item, 8)  # a string or array item is at least 8 bytes
+            if count * smallest > len(self.data) - self.pos:
+                raise self.corrupt(f"{what} of {count} items")
+            if item in SCALAR_BYTES:
+                self.take(count * smallest, what)
+            else:
+                for _ in range(count):
+                    self.value(item, what, depth + 1)
+        else:
+            raise UserError(f"model file {self.path} is corrupt: {what} has unknown value "
+                            f"type {kind}: download or export it again")
+
+    def walk(self, tensors: int, kvs: int) -> None:
+        for index in range(kvs):
+            self.string(f"metadata key {index}")
+            self.value(self.u32(f"metadata value type {index}"), f"metadata value {index}")
+        for index in range(tensors):
+            self.string(f"tensor {index} name")
+            dims = self.u32(f"tensor {index} dimension count")
+            if not 1 <= dims <= MAX_DIMS:
+                raise UserError(f"model file {self.path} is corrupt: tensor {index} has {dims} "
+                                f"dimensions: download or export it again")
+            self.take(8 * dims + 4 + 8, f"tensor {index} shape, type and offset")
