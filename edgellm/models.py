@@ -121,41 +121,57 @@ def _hf_folder_source(folder: Path, allow_pickle: bool = False) -> ModelSource:
 MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
 
 
-def check_safetensors_header(path: Path) -> None:
-    """Refuse a truncated or corrupt .safetensors file from its header alone, before a
-    loader maps it: the header must be JSON of a sane length, and every tensor's byte
-    range must lie inside the file."""
+def header_bytes(path: Path) -> int:
     import struct
-
-    size = path.stat().st_size
-
-    def corrupt(why: str) -> UserError:
-        return UserError(f"model file {path} is truncated or corrupt ({why}): "
-                         "download or save the model again")
 
     with open(path, "rb") as handle:
         prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise corrupt("no header")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(MAX_SAFETENSORS_HEADER, size - 8):
-            raise corrupt(f"header claims {length} bytes")
+    return struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+
+
+def corrupt_safetensors(path: Path, why: str) -> UserError:
+    return UserError(f"model file {path} is truncated or corrupt ({why}): "
+                     "download or save the model again")
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file (tensor names, dtypes, shapes, offsets), read
+    with its length bounded by the file's size."""
+    def corrupt(why: str) -> UserError:
+        return corrupt_safetensors(path, why)
+
+    length = header_bytes(path)
+    if length < 0:
+        raise corrupt("no header")
+    if length > min(MAX_SAFETENSORS_HEADER, path.stat().st_size - 8):
+        raise corrupt(f"header claims {length} bytes")
+    with open(path, "rb") as handle:
+        handle.seek(8)
         try:
             header = json.loads(handle.read(length))
         except (ValueError, UnicodeDecodeError):
             raise corrupt("header is not JSON") from None
     if not isinstance(header, dict):
         raise corrupt("header is not a JSON object")
-    data_bytes = size - 8 - length
+    return header
+
+
+def check_safetensors_header(path: Path) -> None:
+    """Refuse a truncated or corrupt .safetensors file from its header alone, before a
+    loader maps it: the header must be JSON of a sane length, and every tensor's byte
+    range must lie inside the file."""
+    header = safetensors_header(path)
+    data_bytes = path.stat().st_size - 8 - header_bytes(path)
     for name, info in header.items():
         if name == "__metadata__":
             continue
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2
                 and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
-            raise corrupt(f"tensor {name} has no valid data_offsets")
+            raise corrupt_safetensors(path, f"tensor {name} has no valid data_offsets")
         if offsets[1] > data_bytes:
-            raise corrupt(f"tensor {name} ends at byte {offsets[1]}, the data holds {data_bytes}")
+            raise corrupt_safetensors(path, f"tensor {name} ends at byte {offsets[1]}, the data "
+                                            f"holds {data_bytes}")
 
 
 def _hub_source(repo_id: str) -> ModelSource:
@@ -255,6 +271,38 @@ def load_folder_model(folder: Path, dtype: str = "float32", runtime_quantization
     if runtime_quantization and getattr(model.config, RUNTIME_QUANT_KEY, None) == "int8-dynamic":
         int8_dynamic(model, folder)
     return model
+
+
+def check_weights_cover_config(source: ModelSource) -> None:
+    """Before any work: the tensors stored in an HF folder must cover what the architecture
+    in its config.json needs. Checked on an empty (meta-device) model, so it costs no memory;
+    `check_loading_info` repeats the check when the weights really load."""
+    folder = Path(source.path)
+    if source.kind != "hf" or source.pickle or not folder.is_dir():
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgellm.compress.gptq_format import is_gptq_folder
+
+    if is_gptq_folder(folder):  # packed tensor names; checked by its own reader
+        return
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # unknown model_type, a config transformers cannot build
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"model folder {folder}: its config.json does not describe a causal LM "
+                        f"transformers can build ({first}): pass a causal LM folder") from None
+    stored = set()
+    for path in folder.glob("*.safetensors"):
+        stored |= set(safetensors_header(path)) - {"__metadata__"}
+    missing = set(model.state_dict()) - stored
+    if getattr(config, "tie_word_embeddings", False):
+        missing = {name for name in missing if not name.endswith("lm_head.weight")}
+    check_loading_info({"missing_keys": sorted(missing)}, folder)
 
 
 def check_loading_info(info: dict, name) -> None:

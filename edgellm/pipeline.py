@@ -33,7 +33,14 @@ from edgellm.artifacts import (
 from edgellm.data import read_text, resolve_text, token_windows, tokenize
 from edgellm.errors import UserError
 from edgellm.evaluate import MeasureSpec, default_threads, measure_in_subprocess
-from edgellm.models import ModelSource, load_model, load_tokenizer, resolve_source, save_hf_folder
+from edgellm.models import (
+    ModelSource,
+    check_weights_cover_config,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    save_hf_folder,
+)
 from edgellm.recipe import REFERENCE, ExportSpec, Recipe, VariantSpec
 from edgellm.report import VariantResult, build_report, model_stats, write_reports
 from edgellm.resources import Need, check_room, count_parameters, export_need, load_need
@@ -57,6 +64,7 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     console = console or Console()
     out = Path(out)
     source = resolve_source(recipe.model.source, recipe.model.allow_pickle)
+    check_weights_cover_config(source)
     text_path = resolve_text(recipe.eval.text)
     text, text_sha = read_text(text_path)
     _check_text_length(text, recipe.eval.ctx, text_path)
@@ -116,8 +124,20 @@ def check_steps(recipe: Recipe) -> None:
 
 
 def check_out_dir(out: Path) -> None:
+    """Refuse an output path that is a file or cannot be written, creating nothing there:
+    the probe is a temporary folder made and removed in the nearest existing folder."""
+    import tempfile
+
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file: pass a folder path to --out")
+    existing = out.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        Path(tempfile.mkdtemp(prefix=".edgellm-probe-", dir=existing)).rmdir()
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {out} ({exc.strerror}): "
+                        "choose a writable --out") from None
 
 
 def prepare_out_dir(out: Path) -> None:

@@ -133,6 +133,8 @@ class Recipe(Strict):
 def load_recipe(path: Path) -> Recipe:
     """Read and validate a recipe file; every problem is one line naming key and line."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"recipe {path} is a folder: pass a .toml recipe file")
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist: pass a .toml recipe file")
     try:

@@ -59,13 +59,11 @@ def count_parameters(model_files: list[Path]) -> int:
 
 
 def _safetensors_parameters(path: Path) -> int:
-    import json
     import math
-    import struct
 
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+    from edgellm.models import safetensors_header
+
+    header = safetensors_header(path)
     return sum(math.prod(info["shape"]) for name, info in header.items() if name != "__metadata__")
 
 

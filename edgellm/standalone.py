@@ -11,7 +11,14 @@ from edgellm.artifacts import sha256_files, sha256_json
 from edgellm.data import read_text, resolve_text, token_windows, tokenize
 from edgellm.errors import UserError
 from edgellm.evaluate import MeasureSpec, default_threads, measure_in_subprocess
-from edgellm.models import ModelSource, load_model, load_tokenizer, resolve_source, save_hf_folder
+from edgellm.models import (
+    ModelSource,
+    check_weights_cover_config,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    save_hf_folder,
+)
 from edgellm.report import artifact_size
 from edgellm.resources import check_room, count_parameters, export_need, load_need
 
@@ -73,7 +80,7 @@ def export_model(model: str, to: str, weights: str | None, out: Path, console: C
     from edgellm.artifacts import staged_dir
     from edgellm.export import weights_for
     from edgellm.export.build import export_artifact
-    from edgellm.pipeline import prepare_out_dir
+    from edgellm.pipeline import check_out_dir, prepare_out_dir
     from edgellm.recipe import ExportSpec
 
     if to not in ("gguf", "onnx", "ort"):
@@ -83,7 +90,9 @@ def export_model(model: str, to: str, weights: str | None, out: Path, console: C
         raise UserError(f"weights '{weights}' not available for {to}: use one of "
                         f"{', '.join(weights_for(to))}")
     source = resolve_source(model, allow_pickle)
+    check_weights_cover_config(source)
     params = count_parameters(source.files())
+    check_out_dir(out)
     check_room([load_need(params), export_need(params, to, weights, [])], out, force)
     prepare_out_dir(out)
     folder = _hf_folder(source, out, console, trust_remote_code)
@@ -133,7 +142,7 @@ def compress_model(model: str, method: str, settings: list[str], calibration, ou
 
     from edgellm.artifacts import staged_dir
     from edgellm.compress import Context, apply_step
-    from edgellm.pipeline import prepare_out_dir
+    from edgellm.pipeline import check_out_dir, prepare_out_dir
     from edgellm.recipe import parse_recipe
 
     step = {"method": method, **parse_settings(settings)}
@@ -146,7 +155,9 @@ def compress_model(model: str, method: str, settings: list[str], calibration, ou
     rank = int(os.environ.get("RANK", "0"))  # set by accelerate launch / torchrun
     if rank > 0:
         return _follow(step, source, out, calibration, console, rank)
+    check_weights_cover_config(source)
     params = count_parameters(source.files())
+    check_out_dir(out)
     check_room([load_need(params), export_need(params, "torch", "f32", [method])], out, force)
     prepare_out_dir(out)
     folder = _hf_folder(source, out, console, trust_remote_code)

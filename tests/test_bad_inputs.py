@@ -1,6 +1,12 @@
 """Bad input on every command: exit 2, one line on stderr naming the input and the fix,
 no traceback, nothing written to the output folder."""
 
+import json
+import resource
+import signal
+import subprocess
+import sys
+
 import pytest
 from conftest import run_cli
 
@@ -31,7 +37,23 @@ def make_inputs(tmp_path, tiny_llama):
     pickle_dir.mkdir(exist_ok=True)
     (pickle_dir / "config.json").write_text("{}")
     (pickle_dir / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    truncated = copy_model(tiny_llama, tmp_path / "truncated-model")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    garbage_header = copy_model(tiny_llama, tmp_path / "garbage-header-model")
+    (garbage_header / "model.safetensors").write_bytes(b"\xff" * 64)
+    wrong_arch = copy_model(tiny_llama, tmp_path / "wrong-arch-model")
+    config = json.loads((wrong_arch / "config.json").read_text())
+    config.update(model_type="bert", architectures=["BertForMaskedLM"])
+    (wrong_arch / "config.json").write_text(json.dumps(config))
     return {
+        "empty gguf": (recipe_with(tmp_path, tmp_path / "empty.gguf"), "not a GGUF file"),
+        "truncated safetensors": (recipe_with(tmp_path, truncated), "truncated or corrupt"),
+        "garbage safetensors": (recipe_with(tmp_path, garbage_header), "truncated or corrupt"),
+        "weights of another architecture": (recipe_with(tmp_path, wrong_arch),
+                                            "do not belong together"),
+        "text is a folder": (recipe_with(tmp_path, tiny_llama, tmp_path / "folder"), "is a folder"),
         "missing model": (recipe_with(tmp_path, tmp_path / "nope"), "not found"),
         "not a gguf": (recipe_with(tmp_path, tmp_path / "notes.gguf"), "not a GGUF file"),
         "gguf claiming huge counts": (recipe_with(tmp_path, tmp_path / "huge.gguf"),
@@ -49,9 +71,19 @@ def make_inputs(tmp_path, tiny_llama):
     }
 
 
-CASES = ["missing model", "not a gguf", "gguf claiming huge counts", "truncated gguf header",
-         "unknown gguf version", "unknown builtin", "folder without config",
-         "pickle weights", "missing text", "empty text", "non-utf8 text", "text too short"]
+def copy_model(source, dest):
+    import shutil
+
+    if not dest.exists():
+        shutil.copytree(source, dest)
+    return dest
+
+
+CASES = ["empty gguf", "truncated safetensors", "garbage safetensors",
+         "weights of another architecture", "text is a folder", "missing model", "not a gguf",
+         "gguf claiming huge counts", "truncated gguf header", "unknown gguf version",
+         "unknown builtin", "folder without config", "pickle weights", "missing text",
+         "empty text", "non-utf8 text", "text too short"]
 
 
 def assert_clean_failure(result, message, out=None):
@@ -84,8 +116,28 @@ def test_run_refuses_invalid_recipes(tmp_path, content, message):
     assert_clean_failure(run_cli("run", recipe, "--out", out), message, out)
 
 
+@pytest.mark.parametrize("table, message", [
+    ("[eval]\nctx = 0\n", "key 'eval.ctx'"),
+    ("[eval]\nmax_tokens = -5\n", "key 'eval.max_tokens'"),
+    ("[eval]\nthreads = 0\n", "key 'eval.threads'"),
+    ("[calibration]\nsamples = 0\n", "key 'calibration.samples'"),
+    ('[[variant]]\nname = "x"\ncompress = [{method = "gptq", bits = 3}]\n'
+     'export = { format = "gguf", weights = "q4_0" }\n', "gptq option 'bits'"),
+    ('[[variant]]\nname = "x"\ncompress = [{method = "wanda", sparsity = 1.5}]\n'
+     'export = { format = "gguf", weights = "f16" }\n', "wanda option 'sparsity'"),
+    ('[[variant]]\nname = "x"\nexport = { format = "onnx", weights = "int4", block_size = 48 }\n',
+     "key 'variant.0.export.block_size'"),
+])
+def test_run_refuses_bad_numbers(tmp_path, table, message):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(table)
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli("run", recipe, "--out", out), message, out)
+
+
 def test_run_refuses_missing_recipe_and_file_as_out(tmp_path, tiny_llama):
     assert_clean_failure(run_cli("run", tmp_path / "none.toml"), "does not exist")
+    assert_clean_failure(run_cli("run", tmp_path), "is a folder")
     out_file = tmp_path / "out.txt"
     out_file.write_text("x")
     recipe = recipe_with(tmp_path, tiny_llama)
@@ -101,6 +153,21 @@ def test_eval_refuses_bad_artifacts(tmp_path, tiny_llama, artifact, message):
     make_inputs(tmp_path, tiny_llama)
     target = artifact if artifact == "smollm9-1b" else tmp_path / artifact
     assert_clean_failure(run_cli("eval", target, "--ctx", 64), message)
+
+
+def test_eval_refuses_corrupt_models(tmp_path, tiny_llama):
+    cases = make_inputs(tmp_path, tiny_llama)
+    onnx_dir = tmp_path / "garbage-onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / "model.onnx").write_bytes(b"\x08\x07garbage, not a protobuf of a graph" * 20)
+    (onnx_dir / "tokenizer.json").write_bytes((tiny_llama / "tokenizer.json").read_bytes())
+    assert_clean_failure(run_cli("eval", onnx_dir / "model.onnx", "--ctx", 64),
+                         "not a valid ONNX/ORT model")
+    for case in ("truncated safetensors", "weights of another architecture"):
+        _, message = cases[case]
+        assert_clean_failure(run_cli("eval", tmp_path / {
+            "truncated safetensors": "truncated-model",
+            "weights of another architecture": "wrong-arch-model"}[case], "--ctx", 64), message)
 
 
 def test_eval_refuses_short_text(tmp_path, tiny_llama):
@@ -134,4 +201,74 @@ def test_a_second_run_on_a_busy_output_folder_is_refused(tmp_path, tiny_llama):
     assert len(lines) == 1 and "in use" in lines[0] and str(os.getpid()) in lines[0], lines
     assert sorted(p.name for p in out.iterdir()) == [".edgellm.lock", "_work"]
     again = run_cli("run", recipe_with(tmp_path, tiny_llama), "--out", out)  # lock released
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "export", "compress"])
+def test_an_unwritable_or_file_output_folder_is_refused(tmp_path, tiny_llama, command):
+    args = {"run": ["run", recipe_with(tmp_path, tiny_llama)],
+            "export": ["export", tiny_llama],
+            "compress": ["compress", tiny_llama, "--method", "magnitude"]}[command]
+    # /proc refuses new folders even to root (chmod would not stop root)
+    assert_clean_failure(run_cli(*args, "--out", "/proc/edgellm-test-out"),
+                         "cannot create output folder /proc/edgellm-test-out")
+    out_file = tmp_path / "out.txt"
+    out_file.write_text("x")
+    assert_clean_failure(run_cli(*args, "--out", out_file), "is a file")
+    assert out_file.read_text() == "x"
+
+
+def test_pickle_weights_need_allow_pickle_and_then_load_with_a_warning(tmp_path, tiny_llama):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny_llama / name).read_bytes())
+    torch.save(load_file(tiny_llama / "model.safetensors"), folder / "pytorch_model.bin")
+    out = tmp_path / "exp"
+    assert_clean_failure(run_cli("export", folder, "--out", out), "--allow-pickle", out)
+    assert_clean_failure(run_cli("eval", folder, "--ctx", 64), "pickle")
+    allowed = run_cli("export", folder, "--out", out, "--allow-pickle")
+    assert allowed.returncode == 0, allowed.stderr
+    assert allowed.stderr.startswith("warning: reading pickle weights") and "weights_only=True" \
+        in allowed.stderr
+    exported = out / "pickled-f16.gguf"
+    direct = run_cli("export", tiny_llama, "--out", tmp_path / "direct")
+    assert direct.returncode == 0, direct.stderr
+    # the same tensors as the safetensors folder gives (metadata differ: the folder's name)
+    import gguf
+    import numpy as np
+
+    def tensors(path):
+        return {t.name: np.array(t.data) for t in gguf.GGUFReader(path).tensors}
+
+    got, want = tensors(exported), tensors(tmp_path / "direct" / "tiny-llama-f16.gguf")
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def _no_room(limit_bytes):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+@pytest.mark.parametrize("args", [["export"], ["export", "--to", "onnx"], ["run"]])
+def test_a_full_disk_is_one_line_and_leaves_no_artifact(tmp_path, tiny_llama, args):
+    """The disk filling up is simulated with a file-size limit on the process: every write
+    past 100 kB fails, as on a full disk."""
+    out = tmp_path / "out"
+    target = [recipe_with(tmp_path, tiny_llama)] if args == ["run"] else [tiny_llama]
+    result = subprocess.run([sys.executable, "-m", "edgellm.cli", args[0], *map(str, target),
+                             *args[1:], "--out", str(out)], capture_output=True, text=True,
+                            preexec_fn=_no_room(100_000), timeout=600)
+    assert_clean_failure(result, f"cannot write to {out}")
+    assert "free space" in result.stderr
+    left = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
+    assert all(p.parts[0] in ("_work", ".edgellm.lock") for p in left), left
+    assert not [p for p in out.rglob("*") if ".partial" in p.name or ".tmp-" in p.name]
+    assert not list(out.rglob("manifest.json")) and not list(out.glob("*.gguf"))
+    again = run_cli(*[args[0], *map(str, target), *args[1:], "--out", out])  # room again
     assert again.returncode == 0, again.stderr

@@ -7,7 +7,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import shared_text
+
+from edgellm.artifacts import trusted
 
 RECIPE = """
 [model]
@@ -56,7 +59,7 @@ def _wait_for(path_test, proc, limit=300.0):
 
 
 def _leftovers(out):
-    return [p for p in out.rglob("*") if ".partial" in p.name or p.name.endswith(".tmp")]
+    return [p for p in out.rglob("*") if ".partial" in p.name or ".tmp-" in p.name]
 
 
 def _recipe(tmp_path, tiny_llama):
@@ -84,25 +87,50 @@ def test_sigint_mid_run_exits_130_cleanly_and_a_rerun_completes(tmp_path, tiny_l
     assert "f16: up to date" in rerun.stdout  # built before the interrupt, trusted now
 
 
-def test_sigkill_mid_run_leaves_nothing_trusted_and_the_rerun_matches_a_clean_run(tmp_path, tiny_llama):
-    recipe = _recipe(tmp_path, tiny_llama)
-    clean = subprocess.run([sys.executable, "-m", "edgellm.cli", "run", str(recipe), "--out",
-                            str(tmp_path / "clean")], capture_output=True, text=True, timeout=900)
-    assert clean.returncode == 0, clean.stderr
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, tiny_llama):
+    """The recipe run once without interruption: what every killed-then-rerun run must equal."""
+    folder = tmp_path_factory.mktemp("clean")
+    recipe = _recipe(folder, tiny_llama)
+    result = subprocess.run([sys.executable, "-m", "edgellm.cli", "run", str(recipe), "--out",
+                             str(folder / "out")], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    return folder / "out"
+
+
+def _rows(folder):
+    return {v["name"]: v for v in json.loads((folder / "report.json").read_text())["variants"]}
+
+
+# where the run is killed: a path that exists only while that phase is under way
+KILL_POINTS = {
+    "quantize": lambda out: any((out / "_work" / "steps").glob(".gptq-*.partial")),
+    "export": lambda out: any(out.glob(".onnx.partial")),
+    "measure": lambda out: (out / "_work" / "measure-gptq").is_dir(),
+    "report": lambda out: (out / "report.json").is_file(),  # md and html still to come
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_leaves_nothing_trusted_and_the_rerun_matches_a_clean_run(tmp_path, tiny_llama,
+                                                                         clean_run, point):
+    recipe, out = _recipe(tmp_path, tiny_llama), tmp_path / "out"
     proc = _start(recipe, out)
-    killed = _wait_for(lambda: any(out.glob(".onnx.partial")), proc)  # mid ONNX export
-    assert killed, proc.communicate()[1]
-    proc.kill()  # SIGKILL: no handler runs, staging folders stay behind
+    reached = _wait_for(lambda: KILL_POINTS[point](out), proc)
+    proc.kill()  # SIGKILL: no handler runs, staging folders and temporary files stay behind
     proc.communicate()
-    assert not (out / "onnx" / "manifest.json").exists()
+    assert reached, f"the run ended before reaching {point}"
+    for manifest in out.rglob("manifest.json"):  # whatever claims to be complete, is
+        folder = manifest.parent
+        record = json.loads(manifest.read_text())
+        assert trusted(folder, record["key"]), folder
     rerun = subprocess.run([sys.executable, "-m", "edgellm.cli", "run", str(recipe), "--out", str(out)],
                            capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr
-    def rows_of(folder):
-        return {v["name"]: v for v in json.loads((folder / "report.json").read_text())["variants"]}
-
-    rows, expected = rows_of(out), rows_of(tmp_path / "clean")
+    assert _leftovers(out) == []
+    rows, expected = _rows(out), _rows(clean_run)
+    assert rows.keys() == expected.keys()
     for name, row in expected.items():
         assert rows[name]["size_bytes"] == row["size_bytes"], name
         assert rows[name]["ppl"] == row["ppl"], name
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
