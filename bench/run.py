@@ -20,7 +20,8 @@ from edgellm.report import cell
 
 COLUMNS = [("name", "variant", "{}"), ("size_mb", "size MB", "{:.1f}"),
            ("bits_per_weight", "bpw", "{:.2f}"), ("ppl", "ppl", "{:.3f}"),
-           ("ppl_delta_pct", "Δppl %", "{:+.2f}"), ("prefill_tps", "prefill tok/s", "{:.0f}"),
+           ("ppl_delta_pct", "Δppl %", "{:+.2f}"), ("kl_mean", "KL", "{:.4f}"),
+           ("top1_agreement", "top-1", "{:.1%}"), ("prefill_tps", "prefill tok/s", "{:.0f}"),
            ("decode_tps", "decode tok/s", "{:.1f}"), ("ttft_ms", "TTFT ms", "{:.0f}"),
            ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("parameters", "params M", "{:.1f}"),
            ("sparsity", "sparsity", "{:.0%}"), ("steps", "steps", "{}")]

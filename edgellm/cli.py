@@ -167,6 +167,8 @@ def gate(
     max_size_mb: Annotated[float | None, typer.Option(min=0)] = None,
     max_ppl_increase_pct: Annotated[float | None, typer.Option()] = None,
     min_decode_tps: Annotated[float | None, typer.Option(min=0)] = None,
+    max_kl: Annotated[float | None, typer.Option(
+        min=0, help="Mean KL divergence from the reference, nats.")] = None,
     budgets: Annotated[Path | None, typer.Option(
         help="Budgets TOML kept in the repo (top-level limits, [variant.NAME] overrides); "
              "options given here override its top-level limits.")] = None,
@@ -177,10 +179,10 @@ def gate(
     from edgellm.gate import Budget, check, load_budgets, load_report, select_variants, write_junit
 
     budget, per_variant = (load_budgets(budgets) if budgets else (Budget(), {}))
-    budget = Budget(max_size_mb, max_ppl_increase_pct, min_decode_tps).over(budget)
+    budget = Budget(max_size_mb, max_ppl_increase_pct, min_decode_tps, max_kl).over(budget)
     if budget.is_empty() and not any(not b.is_empty() for b in per_variant.values()):
         raise UserError("gate needs a budget: pass --max-size-mb, --max-ppl-increase-pct, "
-                        "--min-decode-tps or --budgets FILE")
+                        "--min-decode-tps, --max-kl or --budgets FILE")
     rows = select_variants(load_report(report_path), variant, report_path)
     breaches = check(rows, budget, per_variant)
     if junit:

@@ -33,6 +33,8 @@ class MeasureSpec:
     greedy_prompt_tokens: int = 32  # prompt length for the greedy-agreement tokens
     greedy_tokens: int = 16
     provider: str = "CPUExecutionProvider"  # ONNX Runtime execution provider
+    topk_write: str | None = None  # the reference: save its top-k log-probs here (.npz)
+    topk_read: str | None = None  # a variant: KL divergence from the reference saved here
 
 
 def default_threads() -> int:
@@ -75,7 +77,7 @@ def measure(spec: MeasureSpec, phase: str, progress=None) -> dict:
     runtime = open_runtime(spec.fmt, spec.artifact, spec.threads, spec.ctx, spec.provider)
     try:
         if phase == "score":
-            result = _score(runtime, windows, progress)
+            result = _score(runtime, windows, progress, spec.topk_write, spec.topk_read)
             greedy = runtime.generate(ids[: spec.greedy_prompt_tokens], spec.greedy_tokens)
             result["greedy_tokens"] = greedy.tokens
         else:
@@ -87,16 +89,41 @@ def measure(spec: MeasureSpec, phase: str, progress=None) -> dict:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
 
 
-def _score(runtime, windows: list[np.ndarray], progress) -> dict:
-    nll_sum, scored = 0.0, 0
+def _score(runtime, windows: list[np.ndarray], progress, topk_write: str | None = None,
+           topk_read: str | None = None) -> dict:
+    """Perplexity over the windows; with a reference's top-k file, KL divergence and top-1
+    agreement too (the reference itself writes that file, then is compared with it)."""
+    from edgellm.divergence import TopK, divergence, summarize, top_k
+    from edgellm.runtimes import nll_of_targets
+
+    reference = TopK.load(Path(topk_read)) if topk_read else None
+    positions = sum(len(w) - 1 for w in windows)
+    if reference is not None and len(reference.ids) != positions:
+        raise UserError(f"reference log-probabilities {topk_read} cover {len(reference.ids)} "
+                        f"positions, the windows {positions}: rerun with --remeasure")
+    nll_sum, scored, kls, agrees, parts = 0.0, 0, [], [], []
     task = progress.add_task("scoring windows", total=len(windows)) if progress else None
     for window in windows:
-        nll, count = runtime.score(window)
-        nll_sum, scored = nll_sum + nll, scored + count
+        logits = runtime.window_logits(window)
+        nll_sum += nll_of_targets(logits, window[1:])
+        if topk_write:
+            parts.append(top_k(logits))
+        ref = parts[-1] if topk_write else reference.window(scored, len(logits)) \
+            if reference is not None else None
+        if ref is not None:
+            kl, agree = divergence(ref, logits)
+            kls.append(kl)
+            agrees.append(agree)
+        scored += len(logits)
         if progress:
             progress.advance(task)
-    return {"ppl": perplexity(nll_sum, scored), "nll_sum": nll_sum,
-            "tokens_scored": scored, "windows": len(windows)}
+    if topk_write:
+        TopK.concat(parts).save(Path(topk_write))
+    result = {"ppl": perplexity(nll_sum, scored), "nll_sum": nll_sum,
+              "tokens_scored": scored, "windows": len(windows)}
+    if kls:
+        result.update(summarize(np.concatenate(kls), np.concatenate(agrees)))
+    return result
 
 
 def _latency(runtime, prompt: np.ndarray, decode_tokens: int) -> dict:

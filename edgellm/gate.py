@@ -23,10 +23,10 @@ class Budget:
     max_size_mb: float | None = None
     max_ppl_increase_pct: float | None = None
     min_decode_tps: float | None = None
+    max_kl: float | None = None  # mean KL divergence from the reference, nats
 
     def is_empty(self) -> bool:
-        return all(v is None for v in (self.max_size_mb, self.max_ppl_increase_pct,
-                                       self.min_decode_tps))
+        return all(v is None for v in self.limits())
 
     def over(self, base: Budget) -> Budget:
         """This budget's limits where it sets them, `base`'s elsewhere."""
@@ -34,7 +34,7 @@ class Budget:
         return Budget(*pick)
 
     def limits(self) -> tuple:
-        return (self.max_size_mb, self.max_ppl_increase_pct, self.min_decode_tps)
+        return (self.max_size_mb, self.max_ppl_increase_pct, self.min_decode_tps, self.max_kl)
 
 
 def load_budgets(path: Path) -> tuple[Budget, dict[str, Budget]]:
@@ -55,6 +55,7 @@ def load_budgets(path: Path) -> tuple[Budget, dict[str, Budget]]:
         max_size_mb: float | None = Field(None, ge=0)
         max_ppl_increase_pct: float | None = None
         min_decode_tps: float | None = Field(None, ge=0)
+        max_kl: float | None = Field(None, ge=0)
 
     class BudgetsFile(Limits):
         variant: dict[str, Limits] = {}
@@ -72,7 +73,8 @@ def load_budgets(path: Path) -> tuple[Budget, dict[str, Budget]]:
         raise UserError(f"budgets file {path}: key '{key}': {error['msg']}") from None
 
     def budget(limits: Limits) -> Budget:
-        return Budget(limits.max_size_mb, limits.max_ppl_increase_pct, limits.min_decode_tps)
+        return Budget(limits.max_size_mb, limits.max_ppl_increase_pct, limits.min_decode_tps,
+                      limits.max_kl)
 
     return budget(data), {name: budget(limits) for name, limits in data.variant.items()}
 
@@ -141,6 +143,11 @@ def _row_breaches(row: dict, budget: Budget) -> list[Breach]:
         breaches.append(Breach(name, "min-decode-tps",
                                f"{name}: decode {tps or 0:.1f} tok/s < budget "
                                f"{budget.min_decode_tps:g} tok/s"))
+    kl = row.get("kl_mean")
+    if budget.max_kl is not None and (kl is None or kl > budget.max_kl):
+        measured = "no KL measured (a report from before edgellm measured it: rerun)" \
+            if kl is None else f"mean KL divergence {kl:.4f} nats"
+        breaches.append(Breach(name, "max-kl", f"{name}: {measured} > budget {budget.max_kl:g}"))
     return breaches
 
 
@@ -164,7 +171,7 @@ def write_junit(path: Path, rows: list[dict], budget: Budget, breaches: list[Bre
 
 
 def _budget_names(budget: Budget) -> list[str]:
-    return [n for n, v in zip(("max-size-mb", "max-ppl-increase-pct", "min-decode-tps"),
+    return [n for n, v in zip(("max-size-mb", "max-ppl-increase-pct", "min-decode-tps", "max-kl"),
                               budget.limits(), strict=True) if v is not None]
 
 

@@ -82,14 +82,18 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     reference_key = build_reference(source, recipe, tokenizer, out / REFERENCE, console)
     eval_input = save_eval_ids(out, ids, text_path, text_sha)
     threads = recipe.eval.threads or default_threads()
+    # the reference's next-token distributions, which every variant's KL divergence is from
+    topk_key = sha256_json([reference_key, eval_input.ids_path.name, recipe.eval.ctx, __version__])
+    topk = out / WORK / f"reference-topk-{topk_key[:16]}.npz"
     results = [measure_variant(REFERENCE, ExportSpec(format="torch", weights="f32"), [],
                                out / REFERENCE, reference_key, recipe, eval_input, threads,
-                               console, remeasure)]
+                               console, remeasure or not topk.is_file(), topk_write=topk)]
     for variant in recipe.variant:
         key = build_variant(variant, out, reference_key, console, recipe.calibration)
         results.append(measure_variant(variant.name, variant.export,
                                        [s.method for s in variant.compress], out / variant.name,
-                                       key, recipe, eval_input, threads, console, remeasure))
+                                       key, recipe, eval_input, threads, console, remeasure,
+                                       topk_read=topk))
     report = build_report(recipe, source, eval_input, results, out)
     paths = write_reports(report, out)
     for path in paths:
@@ -221,17 +225,21 @@ def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: 
 
 def measure_variant(name: str, export: ExportSpec, steps: list[str], folder: Path, key: str,
                     recipe: Recipe, eval_input: EvalInput, threads: int, console: Console,
-                    remeasure: bool) -> VariantResult:
+                    remeasure: bool, topk_write: Path | None = None,
+                    topk_read: Path | None = None) -> VariantResult:
     from edgellm.export.build import artifact_path
 
     artifact = artifact_path(folder, export)
     spec = MeasureSpec(fmt=export.format, artifact=str(artifact),
                        ids_path=str(eval_input.ids_path), ctx=recipe.eval.ctx,
                        decode_tokens=recipe.eval.decode_tokens, threads=threads,
-                       provider=recipe.eval.onnx_provider)
+                       provider=recipe.eval.onnx_provider,
+                       topk_write=str(topk_write) if topk_write else None,
+                       topk_read=str(topk_read) if topk_read else None)
     measure_key = sha256_json({"artifact": key, "ids": eval_input.ids_path.name,
                                "ctx": spec.ctx, "decode": spec.decode_tokens,
                                "threads": threads, "provider": spec.provider,
+                               "topk": (topk_write or topk_read or Path()).name,
                                "edgellm": __version__})
     cached = read_json(folder / "measurement.json")
     if cached and cached.get("key") == measure_key and not remeasure:

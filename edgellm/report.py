@@ -12,6 +12,7 @@ from pathlib import Path
 
 from edgellm import __version__
 from edgellm.artifacts import dir_size, write_json_atomic, write_text_atomic
+from edgellm.divergence import TAIL_SAMPLES, TOP_K
 from edgellm.recipe import ONNX_ONLY, REFERENCE
 from edgellm.tools import machine_info, tool_versions
 
@@ -20,6 +21,8 @@ COLUMNS = [  # (key, header, format)
     ("runtime", "runtime", "{}"), ("size_mb", "size MB", "{:.1f}"),
     ("compression_ratio", "ratio", "{:.2f}×"), ("bits_per_weight", "bpw", "{:.2f}"),
     ("ppl", "ppl", "{:.4f}"), ("ppl_delta_pct", "Δppl %", "{:+.3f}"),
+    ("kl_mean", "KL", "{:.4f}"), ("kl_p99", "KL p99", "{:.3f}"),
+    ("top1_agreement", "top-1", "{:.1%}"),
     ("prefill_tps", "prefill tok/s", "{:.1f}"), ("decode_tps", "decode tok/s", "{:.1f}"),
     ("ttft_ms", "TTFT ms", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
     ("parameters", "params M", "{:.1f}"), ("sparsity", "sparsity", "{:.1%}"),
@@ -142,6 +145,9 @@ def _variant_row(result: VariantResult, out: Path, params: int, ref_ppl: float,
         "bits_per_weight": size * 8 / params,
         "ppl": m["ppl"],
         "ppl_delta_pct": 100 * (m["ppl"] / ref_ppl - 1),
+        "kl_mean": m.get("kl_mean"),
+        "kl_p99": m.get("kl_p99"),
+        "top1_agreement": m.get("top1_agreement"),
         "prefill_tps": m["prefill_tps"],
         "decode_tps": m["decode_tps"],
         "ttft_ms": m["ttft_ms"],
@@ -196,7 +202,12 @@ def render_markdown(report: dict) -> str:
         "",
         f"Perplexity on `{ev['text']}` (sha256 `{ev['sha256'][:16]}…`), {ev['tokens_scored']} "
         f"scored tokens in {ev['windows']} windows of {ev['ctx']}; every runtime scored the "
-        "same token ids. Δppl is against the torch fp32 reference.",
+        "same token ids. Δppl is against the torch fp32 reference. KL is the mean KL "
+        "divergence (nats) of each variant's next-token distribution from the reference's "
+        f"(exact over the reference's top {TOP_K} tokens, the rest estimated from "
+        f"{TAIL_SAMPLES} sampled tokens per position); KL p99 its 99th percentile over "
+        "positions; top-1 the share of positions where the variant's most likely token is "
+        "the reference's.",
         f"Latency: prefill of one {ev['ctx']}-token prompt, then {ev['decode_tokens']} greedy "
         f"tokens with a KV cache; {machine['threads']} threads, OMP_WAIT_POLICY="
         f"{machine['omp_wait_policy']}; each variant measured in its own process.",

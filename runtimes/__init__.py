@@ -1,7 +1,8 @@
 """Runtimes: each artifact format runs in its real engine behind one small interface.
 
-A runtime scores a window of token ids (sum of next-token NLL over all positions after
-the first) and runs timed greedy generation with a KV cache. Modules are imported
+A runtime returns the next-token logits at every position of a window of token ids (the
+caller scores them: perplexity, KL divergence from the reference) and runs timed greedy
+generation with a KV cache. Modules are imported
 lazily so a measuring process loads only the runtime it needs (no torch thread pool
 beside llama.cpp's).
 """
@@ -38,8 +39,8 @@ class Runtime(Protocol):
     name: str
     version: str
 
-    def score(self, window: np.ndarray) -> tuple[float, int]:
-        """Sum of NLL of window[1:] given its prefix, and how many tokens that was."""
+    def window_logits(self, window: np.ndarray) -> np.ndarray:
+        """float32 logits [len(window) - 1, vocab]: row i predicts window[i + 1]."""
 
     def generate(self, prompt: np.ndarray, new_tokens: int) -> Generation:
         """Greedy generation: one prefill, then one cached step per token."""
@@ -91,3 +92,8 @@ def nll_of_targets(logits: np.ndarray, targets: np.ndarray) -> float:
     log_norm = np.log(sums) + peak[:, 0]
     picked = logits[np.arange(len(targets)), targets].astype(np.float64)
     return float((log_norm - picked).sum())
+
+
+def window_nll(runtime: Runtime, window: np.ndarray) -> tuple[float, int]:
+    """Sum of the NLL of window[1:] given its prefix in `runtime`, and how many tokens."""
+    return nll_of_targets(runtime.window_logits(window), window[1:]), len(window) - 1

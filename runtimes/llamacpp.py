@@ -12,7 +12,7 @@ import numpy as np
 from llama_cpp import Llama
 from llama_cpp import __version__ as llama_cpp_version
 
-from edgellm.runtimes import Generation, nll_of_targets, timed_greedy
+from edgellm.runtimes import Generation, timed_greedy
 
 
 class LlamaCppRuntime:
@@ -37,12 +37,12 @@ class LlamaCppRuntime:
             self._all_logits, self._n_ctx = all_logits, n_ctx
         return self._llm
 
-    def score(self, window: np.ndarray) -> tuple[float, int]:
+    def window_logits(self, window: np.ndarray) -> np.ndarray:
         llm = self._context(all_logits=True, n_ctx=max(self.ctx, len(window)))
         llm.reset()
         llm.eval(window.tolist())
-        logits = llm.scores[: len(window) - 1]  # float32 view, no copy
-        return nll_of_targets(logits, window[1:]), len(window) - 1
+        return np.array(llm.scores[: len(window) - 1], dtype=np.float32)  # a copy: the next
+        # eval overwrites llama.cpp's buffer
 
     def generate(self, prompt: np.ndarray, new_tokens: int) -> Generation:
         # room for a ctx-long prompt and as many new tokens, so warm-up and timed runs share it

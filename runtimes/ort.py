@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgellm.errors import UserError
-from edgellm.runtimes import Generation, nll_of_targets, timed_greedy
+from edgellm.runtimes import Generation, timed_greedy
 
 DEFAULT_PROVIDER = "CPUExecutionProvider"
 
@@ -66,9 +66,9 @@ class OrtRuntime:
                      for name, value in outputs.items() if name.startswith("present")}
         return outputs["logits"][0], new_cache
 
-    def score(self, window: np.ndarray) -> tuple[float, int]:
+    def window_logits(self, window: np.ndarray) -> np.ndarray:
         logits, _ = self.forward(window, self.empty_cache(), len(window))
-        return nll_of_targets(logits[:-1].astype(np.float32), window[1:]), len(window) - 1
+        return logits[:-1].astype(np.float32)
 
     def generate(self, prompt: np.ndarray, new_tokens: int) -> Generation:
         cache, total = self.empty_cache(), 0

@@ -19,11 +19,9 @@ class TorchRuntime:
         self.model = load_folder_model(path, runtime_quantization=True)
 
     @torch.inference_mode()
-    def score(self, window: np.ndarray) -> tuple[float, int]:
+    def window_logits(self, window: np.ndarray) -> np.ndarray:
         ids = torch.from_numpy(window.astype(np.int64))[None]
-        logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
-        return float(nll), len(window) - 1
+        return self.model(input_ids=ids, use_cache=False).logits[0, :-1].float().numpy()
 
     @torch.inference_mode()
     def generate(self, prompt: np.ndarray, new_tokens: int) -> Generation:

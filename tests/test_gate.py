@@ -13,9 +13,9 @@ def report(tmp_path):
         {"name": "reference", "size_bytes": 538_000_000, "ppl": 20.0, "ppl_delta_pct": 0.0,
          "decode_tps": 12.0},
         {"name": "q8", "size_bytes": 145_000_000, "ppl": 20.1, "ppl_delta_pct": 0.5,
-         "decode_tps": 80.0},
+         "decode_tps": 80.0, "kl_mean": 0.002},
         {"name": "q4", "size_bytes": 92_000_000, "ppl": 24.0, "ppl_delta_pct": 20.0,
-         "decode_tps": 110.0},
+         "decode_tps": 110.0, "kl_mean": 0.12},
     ]
     path = tmp_path / "report.json"
     path.write_text(json.dumps({"variants": rows}))
@@ -40,6 +40,21 @@ def test_each_breach_is_one_line(report):
     lines = result.stderr.strip().splitlines()
     assert lines == ["q8: perplexity +0.50% > budget +0.1%", "q8: decode 80.0 tok/s < budget 100 tok/s",
                      "q4: perplexity +20.00% > budget +0.1%"]
+
+
+def test_kl_budget_breaks_the_variant_that_moved_too_far(report, tmp_path):
+    result = run_cli("gate", report, "--max-kl", 0.05)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["q4: mean KL divergence 0.1200 nats > budget 0.05"]
+    budgets = tmp_path / "budgets.toml"
+    budgets.write_text("max_kl = 0.001\n[variant.q4]\nmax_kl = 0.5\n")
+    from_file = run_cli("gate", report, "--budgets", budgets)
+    assert from_file.stderr.strip().splitlines() == ["q8: mean KL divergence 0.0020 nats > budget 0.001"]
+    old = tmp_path / "old.json"  # a report written before KL was measured
+    old.write_text(json.dumps({"variants": [{"name": "q8", "size_bytes": 1, "ppl": 2.0,
+                                             "ppl_delta_pct": 0.0, "decode_tps": 1.0}]}))
+    missing = run_cli("gate", old, "--max-kl", 1)
+    assert missing.returncode == 1 and "no KL measured" in missing.stderr
 
 
 def test_variant_filter_and_junit(report, tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from edgellm.export.gguf import export_gguf, write_float_gguf
 from edgellm.export.gguf_arch import llama_rope_permute
-from edgellm.runtimes import open_runtime
+from edgellm.runtimes import open_runtime, window_nll
 
 
 def test_rope_permute_interleaves_halves_per_head():
@@ -42,9 +42,9 @@ def test_gguf_metadata_carries_tokenizer_and_hparams(tiny_llama, tmp_path):
 def test_llamacpp_scores_the_same_ids_as_torch(tiny_llama, tmp_path, weights, rel):
     path = export_gguf(tiny_llama, tmp_path / f"tiny-{weights}.gguf", weights, tmp_path)
     window = (np.arange(64, dtype=np.int32) * 7) % 250
-    torch_nll, _ = open_runtime("torch", str(tiny_llama), 1, 64).score(window)
+    torch_nll, _ = window_nll(open_runtime("torch", str(tiny_llama), 1, 64), window)
     llama = open_runtime("gguf", str(path), 1, 64)
-    llama_nll, count = llama.score(window)
+    llama_nll, count = window_nll(llama, window)
     llama.close()
     assert count == 63
     assert llama_nll == pytest.approx(torch_nll, rel=rel)

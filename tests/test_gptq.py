@@ -150,12 +150,12 @@ def test_gguf_blocks_hold_the_solvers_weights_bit_for_bit(tiny_llama, tmp_path, 
 
 def test_gguf_from_gptq_scores_like_torch(tiny_gptq, tmp_path):
     from edgellm.export.gguf import export_gguf
-    from edgellm.runtimes import open_runtime
+    from edgellm.runtimes import open_runtime, window_nll
 
     path = export_gguf(tiny_gptq, tmp_path / "model.gguf", "q4_0", tmp_path)
     window = np.arange(3, 120) % 290
-    torch_nll, n = open_runtime("torch", str(tiny_gptq), 1, 128).score(window)
-    gguf_nll, m = open_runtime("gguf", str(path), 1, 128).score(window)
+    torch_nll, n = window_nll(open_runtime("torch", str(tiny_gptq), 1, 128), window)
+    gguf_nll, m = window_nll(open_runtime("gguf", str(path), 1, 128), window)
     assert n == m
     # llama.cpp multiplies Q4_0 by 8-bit-quantized activations: close, not equal
     assert abs(gguf_nll / n - torch_nll / n) < 0.05 * abs(torch_nll / n)

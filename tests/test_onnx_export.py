@@ -10,7 +10,7 @@ from conftest import run_cli
 
 from edgellm.export.onnx import builder_options, convert_to_ort, export_onnx
 from edgellm.recipe import ExportSpec
-from edgellm.runtimes import open_runtime
+from edgellm.runtimes import open_runtime, window_nll
 
 WINDOW = (np.arange(64, dtype=np.int32) * 7) % 250
 
@@ -27,7 +27,7 @@ def onnx_models(tiny_llama, tmp_path_factory):
 def score(fmt, path, window=WINDOW):
     runtime = open_runtime(fmt, str(path), threads=1, ctx=64)
     try:
-        return runtime.score(window)[0]
+        return window_nll(runtime, window)[0]
     finally:
         runtime.close()
 

@@ -49,6 +49,16 @@ def test_report_has_every_variant_and_the_contract_keys(tiny_run):
     assert "| f16 | gguf | f16 | llama.cpp |" in (out / "report.md").read_text()
 
 
+def test_kl_divergence_from_the_reference_in_every_runtime(tiny_run):
+    _, out, _ = tiny_run
+    reference, f16, q8 = json.loads((out / "report.json").read_text())["variants"]
+    assert reference["kl_mean"] == 0.0 and reference["top1_agreement"] == 1.0
+    assert 0 <= f16["kl_mean"] < q8["kl_mean"] < 0.05  # f16 rounds less than q8_0
+    assert q8["kl_p99"] >= q8["kl_mean"] and f16["top1_agreement"] > 0.95
+    assert len(list((out / "_work").glob("reference-topk-*.npz"))) == 1
+    assert "| KL | KL p99 | top-1 |" in (out / "report.md").read_text()
+
+
 def test_rerun_rebuilds_nothing(tiny_run):
     recipe, out, first = tiny_run
     before = {p.parent.name: p.read_text() for p in out.glob("*/manifest.json")}

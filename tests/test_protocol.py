@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edgellm.evaluate import perplexity
-from edgellm.runtimes import nll_of_targets, open_runtime
+from edgellm.runtimes import nll_of_targets, open_runtime, window_nll
 
 
 def test_nll_of_targets_matches_torch_cross_entropy():
@@ -24,7 +24,7 @@ def test_torch_runtime_scores_like_transformers_loss(tiny_llama):
 
     window = np.arange(3, 67, dtype=np.int32) % 250
     runtime = open_runtime("torch", str(tiny_llama), threads=1, ctx=64)
-    nll, count = runtime.score(window)
+    nll, count = window_nll(runtime, window)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     ids = torch.from_numpy(window.astype(np.int64))[None]
     with torch.no_grad():

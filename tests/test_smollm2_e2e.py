@@ -51,6 +51,16 @@ def test_4bit_types_are_smaller_and_worse_than_q8_0(demo):
     assert q8["size_bytes"] < rows["gguf-f16"]["size_bytes"] < rows["reference"]["size_bytes"]
 
 
+def test_kl_divergence_is_zero_for_the_reference_and_orders_the_gguf_types(demo):
+    _, rows, _, _ = demo
+    assert rows["reference"]["kl_mean"] == 0.0 and rows["reference"]["top1_agreement"] == 1.0
+    kl = [rows[name]["kl_mean"] for name in ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-q4_0")]
+    assert 0 <= kl[0] < kl[1] < kl[2] < kl[3], kl
+    assert rows["gguf-f16"]["top1_agreement"] > 0.99
+    assert rows["gguf-q4_0"]["top1_agreement"] < rows["gguf-q8_0"]["top1_agreement"]
+    assert all(rows[n]["kl_p99"] >= rows[n]["kl_mean"] for n in rows)
+
+
 def test_importance_matrix_makes_q4_0_clearly_better(demo):
     _, rows, _, _ = demo
     plain, guided = rows["gguf-q4_0"], rows["gguf-q4_0-imatrix"]
