@@ -16,7 +16,7 @@ from edgellm.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress, export and measure causal LMs for edge deployment.")
-console = Console(stderr=False)
+console = Console(stderr=False, soft_wrap=True)  # paths printed whole, never wrapped
 err_console = Console(stderr=True)
 
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
@@ -91,15 +91,24 @@ def export(
     trust_remote_code: TrustOption = False,
     allow_pickle: PickleOption = False,
     force: ForceOption = False,
+    ollama: Annotated[bool, typer.Option(
+        help="Also write an Ollama Modelfile beside the GGUF (`ollama create NAME -f …`).")]
+    = False,
 ):
     """Export MODEL to a deployable GGUF file or ONNX/ORT folder and print its path."""
     from edgellm.errors import no_room_is_user_error
     from edgellm.standalone import export_model
 
+    if ollama and to != "gguf":
+        raise UserError(f"--ollama needs --to gguf (Ollama runs GGUF files), not --to {to}")
     with no_room_is_user_error(out):
         path = export_model(model, to, weights, out, console, trust_remote_code, allow_pickle,
                             force)
-    console.print(f"wrote {path}")
+        console.print(f"wrote {path}")
+        if ollama:
+            from edgellm.export.ollama import write_modelfile
+
+            console.print(f"wrote {write_modelfile(path)}")
 
 
 @app.command()

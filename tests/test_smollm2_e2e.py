@@ -99,6 +99,30 @@ def test_exported_gguf_carries_what_apps_need(demo):
     assert fields["llama.rope.freq_base"].contents() == pytest.approx(100000.0)
 
 
+def test_the_chat_example_answers_from_the_exported_gguf(demo):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out, rows, _, _ = demo
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "python" / "chat.py"),
+                             str(out / rows["gguf-q4_k_m"]["path"]), "--prompt",
+                             "Name three planets.", "--max-tokens", "40", "--threads", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Mars" in result.stdout or "Venus" in result.stdout, result.stdout
+
+
+def test_ollama_modelfile_for_smollm2_uses_its_chatml_template(demo):
+    from edgellm.export.ollama import modelfile_text
+
+    out, rows, _, _ = demo
+    text = modelfile_text(out / rows["gguf-q4_k_m"]["path"])
+    assert "FROM ./model.gguf" in text and "<|im_start|>{{ .Role }}" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text
+
+
 def test_rerun_rebuilds_nothing(demo):
     out, _, _, _ = demo
     before = {p.parent.name: p.read_text() for p in out.glob("*/manifest.json")}
