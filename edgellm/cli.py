@@ -94,16 +94,44 @@ def export(
     ollama: Annotated[bool, typer.Option(
         help="Also write an Ollama Modelfile beside the GGUF (`ollama create NAME -f …`).")]
     = False,
+    max_size_mb: Annotated[float | None, typer.Option(
+        min=0, help="Auto choice: measure GGUF types, keep the best that fits (report in OUT).")]
+    = None,
+    max_ppl_increase_pct: Annotated[float | None, typer.Option(
+        help="Auto choice: keep the smallest GGUF type within this perplexity increase.")] = None,
+    candidates: Annotated[str | None, typer.Option(
+        help="Auto choice: comma-separated GGUF types to try (default f16 … q2_k).")] = None,
+    text: Annotated[str, typer.Option(help="Auto choice: evaluation text.")]
+    = "wikitext-2-raw-test",
+    max_tokens: Annotated[int, typer.Option(min=1, help="Auto choice: tokens scored.")] = 16384,
+    ctx: Annotated[int, typer.Option(min=16, help="Auto choice: window length.")] = 512,
 ):
-    """Export MODEL to a deployable GGUF file or ONNX/ORT folder and print its path."""
+    """Export MODEL to a deployable GGUF file or ONNX/ORT folder and print its path. With
+    --max-size-mb and/or --max-ppl-increase-pct, measure candidate GGUF types and keep the
+    one that meets the budgets best."""
     from edgellm.errors import no_room_is_user_error
     from edgellm.standalone import export_model
 
     if ollama and to != "gguf":
         raise UserError(f"--ollama needs --to gguf (Ollama runs GGUF files), not --to {to}")
+    auto = max_size_mb is not None or max_ppl_increase_pct is not None
+    if auto and (to != "gguf" or weights):
+        raise UserError("--max-size-mb/--max-ppl-increase-pct choose the GGUF type: use them "
+                        "with --to gguf and without --weights")
     with no_room_is_user_error(out):
-        path = export_model(model, to, weights, out, console, trust_remote_code, allow_pickle,
-                            force)
+        if auto:
+            from edgellm.auto import choose_gguf
+
+            path, choice = choose_gguf(
+                model, out, console, max_size_mb=max_size_mb,
+                max_ppl_increase_pct=max_ppl_increase_pct,
+                candidates=candidates.split(",") if candidates else None, text=text,
+                max_tokens=max_tokens, ctx=ctx, allow_pickle=allow_pickle, force=force)
+            console.print(f"chose {choice['weights']} ({choice['rule']}; "
+                          f"{choice['budget_text']}); evidence in {out / 'report.md'}")
+        else:
+            path = export_model(model, to, weights, out, console, trust_remote_code,
+                                allow_pickle, force)
         console.print(f"wrote {path}")
         if ollama:
             from edgellm.export.ollama import write_modelfile
@@ -209,7 +237,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except UserError as exc:
-        _fail(str(exc), 2)
+        _fail(str(exc), exc.exit_code)
     except (KeyboardInterrupt, Abort):
         _fail("interrupted", 130)
     except Exit as exc:

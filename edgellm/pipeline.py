@@ -58,9 +58,11 @@ class EvalInput:
 
 
 def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
-               remeasure: bool = False, force: bool = False) -> dict:
+               remeasure: bool = False, force: bool = False, measure_if=None) -> dict:
     """Build, measure and report every variant; returns the report dict. `force` goes on
-    when the resource guard estimates too little memory or disk."""
+    when the resource guard estimates too little memory or disk. `measure_if(name, size)`,
+    when given, may return a reason not to measure a built variant (it is then listed under
+    the report's `not_measured`)."""
     console = console or Console()
     out = Path(out)
     source = resolve_source(recipe.model.source, recipe.model.allow_pickle)
@@ -88,13 +90,23 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     results = [measure_variant(REFERENCE, ExportSpec(format="torch", weights="f32"), [],
                                out / REFERENCE, reference_key, recipe, eval_input, threads,
                                console, remeasure or not topk.is_file(), topk_write=topk)]
+    skipped = []
     for variant in recipe.variant:
         key = build_variant(variant, out, reference_key, console, recipe.calibration)
+        size = built_size(out / variant.name, variant.export) if measure_if else 0
+        reason = measure_if and measure_if(variant.name, size)
+        if reason:
+            console.print(f"{variant.name}: not measured ({reason})")
+            skipped.append({"name": variant.name, "weights": variant.export.weights,
+                            "size_bytes": size, "reason": reason})
+            continue
         results.append(measure_variant(variant.name, variant.export,
                                        [s.method for s in variant.compress], out / variant.name,
                                        key, recipe, eval_input, threads, console, remeasure,
                                        topk_read=topk))
     report = build_report(recipe, source, eval_input, results, out)
+    if skipped:
+        report["not_measured"] = skipped
     paths = write_reports(report, out)
     for path in paths:
         console.print(f"wrote {path}")
@@ -113,6 +125,14 @@ def recipe_needs(recipe: Recipe, source: ModelSource, out: Path) -> list[Need]:
             needs.append(export_need(params, variant.export.format, variant.export.weights,
                                      [s.method for s in variant.compress]))
     return needs
+
+
+def built_size(folder: Path, export: ExportSpec) -> int:
+    """Bytes of a built variant's artifact (what the report's size_bytes would say)."""
+    from edgellm.export.build import artifact_path
+    from edgellm.report import artifact_size
+
+    return artifact_size(artifact_path(folder, export))
 
 
 def check_steps(recipe: Recipe) -> None:

@@ -215,8 +215,24 @@ def render_markdown(report: dict) -> str:
         f"{machine['memory_gb']} GB, {machine['os']}, Python {machine['python']}.",
         *([SPARSE_NOTE] if any((row.get("sparsity") or 0) >= 0.01 for row in report["variants"])
           else []),
+        *_choice_lines(report),
         "",
     ])
+
+
+def _choice_lines(report: dict) -> list[str]:
+    """What `edgellm export --max-size-mb …` chose, and what it did not measure, and why."""
+    lines = []
+    if report.get("not_measured"):
+        lines.append("Not measured: " + "; ".join(
+            f"{r['name']} ({r['reason']})" for r in report["not_measured"]) + ".")
+    choice = report.get("choice")
+    if choice and choice["chosen"]:
+        lines.append(f"Chosen: {choice['chosen']}, {choice['rule']} ({choice['budget_text']}); "
+                     f"within the budgets: {', '.join(choice['fitting'])}.")
+    elif choice:
+        lines.append(f"Chosen: none: no candidate meets {choice['budget_text']}.")
+    return lines
 
 
 def write_reports(report: dict, out: Path) -> list[Path]:

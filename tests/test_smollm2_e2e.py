@@ -207,3 +207,20 @@ def test_wanda_halves_the_weights_within_its_quality_bar_at_the_dense_size(demo)
     assert dense["sparsity"] < 0.01
     assert wanda["ppl"] < 2.2 * rows["reference"]["ppl"]  # llm-compressor 0.14 here: 2.17x
     assert wanda["size_bytes"] == dense["size_bytes"]  # zeros stored densely: no size gain
+
+
+def test_auto_choice_picks_a_different_type_for_each_budget(tmp_path):
+    out = tmp_path / "auto"
+    base = ["export", "smollm2-135m", "--candidates", "q8_0,q4_k_m,q4_0", "--max-tokens", 4096,
+            "--out", out]
+    chosen = {}
+    for budget in (["--max-size-mb", 150], ["--max-size-mb", 100],
+                   ["--max-ppl-increase-pct", 10]):
+        result = run_cli(*base, *budget, timeout=1800)
+        assert result.returncode == 0, result.stderr
+        report = json.loads((out / "report.json").read_text())
+        chosen[budget[1]] = report["choice"]["weights"]
+        assert (out / f"chosen-gguf-{report['choice']['weights']}.gguf").is_file()
+    # 150 MB: all fit, q8_0 is the best; 100 MB: only q4_0 (91.7 MB) fits;
+    # +10%: q4_k_m (+5%) is the smallest within it (q4_0 is +25%)
+    assert chosen == {150: "q8_0", 100: "q4_0", 10: "q4_k_m"}

@@ -1,0 +1,107 @@
+"""Auto choice: export every candidate weight type, measure those that fit the size budget,
+and keep the one that meets the budgets best, with the evidence in a report.
+
+Under a size budget alone, the choice is the best perplexity that fits; with a perplexity
+budget, it is the smallest file within it. The candidates are built and measured by the
+ordinary pipeline (in OUT, so a second budget reuses every build and measurement), and the
+report of the run says which was chosen and why.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from edgellm.errors import UserError
+
+DEFAULT_CANDIDATES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k")
+
+
+class NoCandidateFits(UserError):
+    """No candidate meets the budgets: exit 1, like a broken gate budget."""
+
+    exit_code = 1
+
+
+def choose_gguf(model: str, out: Path, console: Console, *,
+                  max_size_mb: float | None, max_ppl_increase_pct: float | None,
+                  candidates: list[str] | None = None, text: str = "wikitext-2-raw-test",
+                  max_tokens: int = 16384, ctx: int = 512, allow_pickle: bool = False,
+                  force: bool = False) -> tuple[Path, dict]:
+    """Build and measure the GGUF candidates into `out`; link the chosen file to
+    `out/chosen-gguf-<weights>.gguf` and return its path and the choice record."""
+    from pydantic import ValidationError
+
+    from edgellm.pipeline import run_recipe, write_reports
+    from edgellm.recipe import EvalSpec, ExportSpec, ModelSpec, Recipe, VariantSpec
+
+    if max_size_mb is None and max_ppl_increase_pct is None:
+        raise UserError("auto choice needs a budget: pass --max-size-mb and/or "
+                        "--max-ppl-increase-pct")
+    to, weights = "gguf", candidates or list(DEFAULT_CANDIDATES)
+    try:
+        recipe = Recipe(model=ModelSpec(source=model, allow_pickle=allow_pickle),
+                        eval=EvalSpec(text=text, max_tokens=max_tokens, ctx=ctx),
+                        variant=[VariantSpec(name=f"{to}-{w}", export=ExportSpec(format=to, weights=w))
+                                 for w in weights])
+    except ValidationError as exc:  # an unknown candidate type: pydantic names it
+        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UserError(f"--candidates: {message}") from None
+
+    def over_size(name: str, size: int) -> str | None:
+        if max_size_mb is not None and size / 1e6 > max_size_mb:
+            return f"{size / 1e6:.1f} MB > budget {max_size_mb:g} MB"
+        return None
+
+    report = run_recipe(recipe, out, console, force=force, measure_if=over_size)
+    choice = pick(report["variants"][1:], max_size_mb, max_ppl_increase_pct)
+    report["choice"] = choice
+    write_reports(report, out)
+    if choice["chosen"] is None:
+        raise NoCandidateFits(f"no {to} type fits the budgets ({choice['budget_text']}): "
+                              f"see {out / 'report.md'}; raise a budget or add --candidates")
+    return _publish_choice(out, report, choice), choice
+
+
+def pick(rows: list[dict], max_size_mb: float | None,
+         max_ppl_increase_pct: float | None) -> dict:
+    """The choice among measured rows, with the rule that made it."""
+    budget = [f"size ≤ {max_size_mb:g} MB" if max_size_mb is not None else "",
+              f"Δppl ≤ +{max_ppl_increase_pct:g}%" if max_ppl_increase_pct is not None else ""]
+    budget_text = ", ".join(b for b in budget if b)
+    fits = [r for r in rows
+            if (max_size_mb is None or r["size_bytes"] / 1e6 <= max_size_mb)
+            and (max_ppl_increase_pct is None or r["ppl_delta_pct"] <= max_ppl_increase_pct)]
+    if max_ppl_increase_pct is not None:
+        rule, best = "the smallest file within the budgets", min(
+            fits, key=lambda r: r["size_bytes"], default=None)
+    else:
+        rule, best = "the lowest perplexity within the size budget", min(
+            fits, key=lambda r: r["ppl"], default=None)
+    return {"chosen": best["name"] if best else None,
+            "weights": best["weights"] if best else None,
+            "rule": rule, "budget_text": budget_text, "max_size_mb": max_size_mb,
+            "max_ppl_increase_pct": max_ppl_increase_pct,
+            "fitting": [r["name"] for r in fits]}
+
+
+def _publish_choice(out: Path, report: dict, choice: dict) -> Path:
+    """Link (or copy) the chosen GGUF to OUT/chosen-<name>.gguf, atomically; a choice an
+    earlier budget made is removed."""
+    import shutil
+
+    from edgellm.artifacts import atomic_path
+
+    row = next(r for r in report["variants"] if r["name"] == choice["chosen"])
+    source = out / row["path"]
+    target = out / f"chosen-{row['name']}.gguf"
+    for stale in out.glob("chosen-*.gguf"):
+        stale.unlink()
+    with atomic_path(target) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+    return target

@@ -1,0 +1,75 @@
+"""`edgellm export --max-size-mb/--max-ppl-increase-pct`: measure candidate GGUF types and
+keep the one that meets the budgets best, with the evidence in OUT/report.*."""
+
+import json
+
+import pytest
+from conftest import run_cli
+
+from edgellm.auto import pick
+
+ROWS = [{"name": "gguf-q8_0", "weights": "q8_0", "size_bytes": 145e6, "ppl": 30.3, "ppl_delta_pct": 0.5},
+        {"name": "gguf-q4_k_m", "weights": "q4_k_m", "size_bytes": 105e6, "ppl": 31.6,
+         "ppl_delta_pct": 4.9},
+        {"name": "gguf-q4_0", "weights": "q4_0", "size_bytes": 92e6, "ppl": 37.5, "ppl_delta_pct": 24.4}]
+
+
+@pytest.mark.parametrize("size, ppl, chosen", [
+    (150, None, "gguf-q8_0"),  # everything fits: the best quality
+    (110, None, "gguf-q4_k_m"),
+    (None, 10, "gguf-q4_k_m"),  # the smallest within +10%
+    (100, 30, "gguf-q4_0"),
+    (100, 10, None),  # nothing meets both
+])
+def test_pick_follows_the_rule_of_the_budgets_given(size, ppl, chosen):
+    assert pick(ROWS, size, ppl)["chosen"] == chosen
+
+
+def test_size_budgets_on_the_tiny_model_measure_what_fits_and_keep_its_best(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    args = ["export", tiny_llama, "--candidates", "f16,q8_0,q4_0", "--max-tokens", 512,
+            "--ctx", 64, "--out", out]
+    sizes = {}
+    for budget in (1.0, None):
+        if budget is None:  # a budget between q8_0 and f16, from the sizes just measured
+            budget = (sizes["gguf-q8_0"] + sizes["gguf-f16"]) / 2 / 1e6
+        result = run_cli(*args, "--max-size-mb", budget)
+        assert result.returncode == 0, result.stderr
+        report = json.loads((out / "report.json").read_text())
+        sizes = {r["name"]: r["size_bytes"] for r in report["variants"]}
+        choice = report["choice"]
+        assert (out / f"chosen-{choice['chosen']}.gguf").is_file()
+        assert len(list(out.glob("chosen-*.gguf"))) == 1
+        assert f"Chosen: {choice['chosen']}" in (out / "report.md").read_text()
+        measured = {r["name"]: r["ppl"] for r in report["variants"][1:]}
+        # a random model's perplexities are near-uniform noise: the rule is checked, the
+        # SmolLM2 end-to-end test checks that two budgets choose two types
+        assert choice["chosen"] == min(measured, key=measured.get)
+        assert f"chose {choice['weights']}" in result.stdout
+        if budget == 1.0:
+            assert set(measured) == {"gguf-f16", "gguf-q8_0", "gguf-q4_0"}
+        else:
+            assert set(measured) == {"gguf-q8_0", "gguf-q4_0"}
+            assert report["not_measured"][0]["name"] == "gguf-f16"
+            assert "built" not in result.stdout  # the second budget reused every build
+
+
+def test_no_candidate_within_budget_exits_1_with_the_report(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    result = run_cli("export", tiny_llama, "--candidates", "q8_0,q4_0", "--max-tokens", 512,
+                     "--ctx", 64, "--max-ppl-increase-pct", -50, "--out", out)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no gguf type fits")
+    assert "Chosen: none" in (out / "report.md").read_text()
+    assert not list(out.glob("chosen-*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--to", "onnx", "--max-size-mb", 10], "with --to gguf"),
+    (["--weights", "q4_0", "--max-size-mb", 10], "without --weights"),
+    (["--candidates", "q9_9", "--max-size-mb", 10], "weights 'q9_9' not available"),
+])
+def test_bad_auto_choice_options_are_one_line(tmp_path, tiny_llama, args, message):
+    result = run_cli("export", tiny_llama, *args, "--out", tmp_path / "o")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
