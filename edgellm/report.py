@@ -24,6 +24,7 @@ COLUMNS = [  # (key, header, format)
     ("kl_mean", "KL", "{:.4f}"), ("kl_p99", "KL p99", "{:.3f}"),
     ("top1_agreement", "top-1", "{:.1%}"),
     ("prefill_tps", "prefill tok/s", "{:.1f}"), ("decode_tps", "decode tok/s", "{:.1f}"),
+    ("decode_pct_of_ceiling", "% of BW ceiling", "{:.0f}%"),
     ("ttft_ms", "TTFT ms", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
     ("parameters", "params M", "{:.1f}"), ("sparsity", "sparsity", "{:.1%}"),
     ("steps", "steps", "{}"),
@@ -33,6 +34,12 @@ SPARSE_NOTE = ("Sparsity is the measured fraction of zeros in the decoder's weig
                "Unstructured and N:M zeros are stored densely: torch, llama.cpp and ONNX "
                "Runtime on CPU skip none of them, so those variants keep the dense size and "
                "speed; only structured pruning (depth, width) makes a model smaller and faster.")
+
+
+BANDWIDTH_NOTE = ("Memory bandwidth {:.1f} GB/s (a 256 MB copy, read + write, measured at the "
+                  "end of this run). Decoding a token reads every weight once, so bandwidth ÷ "
+                  "file size bounds decode speed; '% of BW ceiling' is each variant's decode "
+                  "tok/s against that bound.")
 
 
 def cell(row: dict, key: str, fmt: str) -> str:
@@ -105,10 +112,20 @@ def _numel(shape) -> int:
 
 
 def build_report(recipe, source, eval_input, results: list[VariantResult], out: Path) -> dict:
+    from edgellm.bandwidth import copy_bandwidth_gbs, decode_ceiling
+
     params = count_parameters(out / REFERENCE)
     reference = next(r for r in results if r.name == REFERENCE)
     ref_ppl, ref_size = reference.measured["ppl"], artifact_size(reference.artifact)
     variants = [_variant_row(r, out, params, ref_ppl, ref_size) for r in results]
+    bandwidth = copy_bandwidth_gbs()
+    front = pareto_front(variants)
+    for row in variants:
+        ceiling = decode_ceiling(bandwidth, row["size_bytes"])
+        row["decode_ceiling_tps"] = ceiling
+        row["decode_pct_of_ceiling"] = 100 * row["decode_tps"] / ceiling if row["decode_tps"] \
+            else None
+        row["pareto_front"] = row["name"] in front
     first = results[0].measured
     return {
         "edgellm": __version__,
@@ -119,10 +136,20 @@ def build_report(recipe, source, eval_input, results: list[VariantResult], out: 
                  "sha256": eval_input.text_sha256, "tokens": eval_input.tokens,
                  "tokens_scored": first["tokens_scored"], "ctx": recipe.eval.ctx,
                  "windows": first["windows"], "decode_tokens": recipe.eval.decode_tokens},
-        "machine": {**machine_info(), "threads": first["threads"]},
+        "machine": {**machine_info(), "threads": first["threads"],
+                    "memory_bandwidth_gbs": bandwidth},
         "tools": tool_versions(),
         "variants": variants,
     }
+
+
+def pareto_front(rows: list[dict], x: str = "size_bytes", y: str = "ppl") -> set[str]:
+    """Names of the rows no other row beats on both `x` and `y` (smaller is better): the
+    variants worth choosing between."""
+    def beats(other: dict, row: dict) -> bool:
+        return other[x] <= row[x] and other[y] <= row[y] and (other[x] < row[x] or other[y] < row[y])
+
+    return {row["name"] for row in rows if not any(beats(o, row) for o in rows)}
 
 
 def _variant_row(result: VariantResult, out: Path, params: int, ref_ppl: float,
@@ -213,6 +240,8 @@ def render_markdown(report: dict) -> str:
         f"{machine['omp_wait_policy']}; each variant measured in its own process.",
         f"Machine: {machine['cpu']}, {machine['physical_cores']} cores, "
         f"{machine['memory_gb']} GB, {machine['os']}, Python {machine['python']}.",
+        *([BANDWIDTH_NOTE.format(machine["memory_bandwidth_gbs"])]
+          if machine.get("memory_bandwidth_gbs") else []),
         *([SPARSE_NOTE] if any((row.get("sparsity") or 0) >= 0.01 for row in report["variants"])
           else []),
         *_choice_lines(report),
