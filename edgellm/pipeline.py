@@ -31,6 +31,7 @@ from edgellm.artifacts import (
     write_json_atomic,
 )
 from edgellm.data import read_text, resolve_text, token_windows, tokenize
+from edgellm.divergence import TAIL_SAMPLES, TOP_K, TopK
 from edgellm.errors import UserError
 from edgellm.evaluate import MeasureSpec, default_threads, measure_in_subprocess
 from edgellm.models import (
@@ -85,7 +86,8 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     eval_input = save_eval_ids(out, ids, text_path, text_sha)
     threads = recipe.eval.threads or default_threads()
     # the reference's next-token distributions, which every variant's KL divergence is from
-    topk_key = sha256_json([reference_key, eval_input.ids_path.name, recipe.eval.ctx, __version__])
+    topk_key = sha256_json([reference_key, eval_input.ids_path.name, recipe.eval.ctx, __version__,
+                            TopK.FIELDS, TOP_K, TAIL_SAMPLES])
     topk = out / WORK / f"reference-topk-{topk_key[:16]}.npz"
     results = [measure_variant(REFERENCE, ExportSpec(format="torch", weights="f32"), [],
                                out / REFERENCE, reference_key, recipe, eval_input, threads,

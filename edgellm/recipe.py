@@ -54,7 +54,7 @@ class CompressStep(BaseModel):
 
 
 class ExportSpec(Strict):
-    format: Literal["torch", "gguf", "onnx", "ort"]
+    format: Literal["torch", "gguf", "onnx", "ort", "mlx"]
     weights: str = "f16"
     # ONNX MatMulNBits options (int4/int8 weight-only): block size, symmetric or with zero
     # points, MatMulNBits accuracy_level (4: int8 activations on CPU), tied lm_head bits.

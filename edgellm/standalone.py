@@ -62,10 +62,20 @@ def _artifact_kind(artifact: str) -> tuple[str, Path, ModelSource]:
     source = resolve_source(artifact)
     if source.kind == "gguf":
         return "gguf", Path(source.path) / source.gguf_file, source
+    if _is_mlx_folder(Path(source.path)):
+        return "mlx", Path(source.path), source
     return "torch", Path(source.path), source
 
 
-DEFAULT_WEIGHTS = {"gguf": "f16", "onnx": "f32", "ort": "f32"}  # the lossless type of each
+def _is_mlx_folder(folder: Path) -> bool:
+    """An mlx-lm folder: edgellm's MLX export, or any with MLX group quantization."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    return (config.get("edgellm_export") or {}).get("format") == "mlx" or "quantization" in config
+
+
+DEFAULT_WEIGHTS = {"gguf": "f16", "onnx": "f32", "ort": "f32", "mlx": "f16"}  # the lossless type of each
 
 
 def export_model(model: str, to: str, weights: str | None, out: Path, console: Console,
@@ -83,8 +93,9 @@ def export_model(model: str, to: str, weights: str | None, out: Path, console: C
     from edgellm.pipeline import check_out_dir, prepare_out_dir
     from edgellm.recipe import ExportSpec
 
-    if to not in ("gguf", "onnx", "ort"):
-        raise UserError(f"export target '{to}' is not supported: use --to gguf, onnx or ort")
+    if to not in DEFAULT_WEIGHTS:
+        raise UserError(f"export target '{to}' is not supported: use --to gguf, onnx, ort or "
+                        "mlx")
     weights = weights or DEFAULT_WEIGHTS[to]
     if weights not in weights_for(to):
         raise UserError(f"weights '{weights}' not available for {to}: use one of "

@@ -21,4 +21,8 @@ def weights_for(fmt: str) -> tuple[str, ...]:
         return ONNX_WEIGHTS
     if fmt == "torch":
         return TORCH_WEIGHTS
+    if fmt == "mlx":
+        from edgellm.export.mlx import MLX_WEIGHTS
+
+        return MLX_WEIGHTS
     return ()

@@ -17,6 +17,8 @@ def artifact_path(folder: Path, export) -> Path:
         return folder / "model.gguf"
     if export.format in ("onnx", "ort"):
         return folder / export.format  # a folder: model + genai_config.json + tokenizer
+    if export.format == "mlx":
+        return folder / "mlx"  # an mlx-lm folder
     raise UserError(f"export format '{export.format}' is not supported")
 
 
@@ -43,6 +45,10 @@ def export_artifact(model_dir: Path, staging: Path, export, name: str, work: Pat
             imatrix = compute_imatrix(model_dir, calibration.text, calibration.samples,
                                       calibration.seqlen, work / f"imatrix-{key}.npz")
         return export_gguf(model_dir, target, export.weights, work, imatrix)
+    if export.format == "mlx":
+        from edgellm.export.mlx import export_mlx
+
+        return export_mlx(model_dir, target, export.weights, work)
     if export.format in ("onnx", "ort"):
         from edgellm.export.onnx import convert_to_ort, export_onnx
 

@@ -22,6 +22,7 @@ RUNTIMES = {
     "gguf": ("edgellm.runtimes.llamacpp", "LlamaCppRuntime"),
     "onnx": ("edgellm.runtimes.ort", "OrtRuntime"),
     "ort": ("edgellm.runtimes.ort", "OrtRuntime"),
+    "mlx": ("edgellm.runtimes.mlx", "MlxRuntime"),
 }
 
 

@@ -224,3 +224,18 @@ def test_auto_choice_picks_a_different_type_for_each_budget(tmp_path):
     # 150 MB: all fit, q8_0 is the best; 100 MB: only q4_0 (91.7 MB) fits;
     # +10%: q4_k_m (+5%) is the smallest within it (q4_0 is +25%)
     assert chosen == {150: "q8_0", 100: "q4_0", 10: "q4_k_m"}
+
+
+def test_mlx_f16_export_of_smollm2_matches_torch(tmp_path):
+    """mlx[cpu] on Linux is slow (about 40 s per 512-token window of SmolLM2 in f16, and
+    minutes for its quantized matmuls), so this scores two windows; README has the rest."""
+    recipe = tmp_path / "mlx.toml"
+    recipe.write_text('[model]\nsource = "smollm2-135m"\n[eval]\nmax_tokens = 1024\n'
+                      'decode_tokens = 4\n[[variant]]\nname = "mlx-f16"\n'
+                      'export = { format = "mlx", weights = "f16" }\n')
+    result = run_cli("run", recipe, "--out", tmp_path / "out", timeout=1800)
+    assert result.returncode == 0, result.stderr
+    rows = {v["name"]: v for v in json.loads((tmp_path / "out" / "report.json").read_text())["variants"]}
+    assert rows["mlx-f16"]["runtime"] == "mlx"
+    assert abs(rows["mlx-f16"]["ppl_delta_pct"]) < 0.5
+    assert rows["mlx-f16"]["size_bytes"] < 0.55 * rows["reference"]["size_bytes"]
