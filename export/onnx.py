@@ -10,6 +10,7 @@ intermediates).
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -95,5 +96,16 @@ def convert_to_ort(onnx_dir: Path, target: Path, work: Path) -> Path:
     for extra in onnx_dir.iterdir():  # tokenizer and genai config travel with the model
         if extra.suffix in (".json", ".jinja"):
             shutil.copy2(extra, target / extra.name)
+    _point_genai_config_at(target / "genai_config.json", "model.ort")
     return target
+
+
+def _point_genai_config_at(config_path: Path, filename: str) -> None:
+    """onnxruntime-genai opens the file genai_config.json names: in an ORT folder, the
+    .ort model (the builder wrote model.onnx, which the folder does not hold)."""
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    config["model"]["decoder"]["filename"] = filename
+    config_path.write_text(json.dumps(config, indent=4) + "\n")
 
