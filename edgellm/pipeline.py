@@ -150,20 +150,25 @@ def check_steps(recipe: Recipe) -> None:
 
 
 def check_out_dir(out: Path) -> None:
-    """Refuse an output path that is a file or cannot be written, creating nothing there:
-    the probe is a temporary folder made and removed in the nearest existing folder."""
-    import tempfile
-
+    """Refuse an output path that is a file or cannot be created, leaving nothing behind:
+    the folders of `out` that do not exist yet are made, then removed again (the run makes
+    them for good only once every input has been checked)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file: pass a folder path to --out")
-    existing = out.resolve()
-    while not existing.exists():
-        existing = existing.parent
+    missing, level = [], out.resolve()
+    while not level.exists():
+        missing.append(level)
+        level = level.parent
     try:
-        Path(tempfile.mkdtemp(prefix=".edgellm-probe-", dir=existing)).rmdir()
+        for folder in reversed(missing):
+            folder.mkdir()
     except OSError as exc:
         raise UserError(f"cannot create output folder {out} ({exc.strerror}): "
                         "choose a writable --out") from None
+    finally:
+        for folder in missing:
+            if folder.is_dir():
+                folder.rmdir()
 
 
 def prepare_out_dir(out: Path) -> None:
