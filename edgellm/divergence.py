@@ -55,11 +55,10 @@ class TopK:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax of float32 logits; normalizers summed in float64."""
-    peak = logits.max(axis=1, keepdims=True)
-    shifted = logits - peak
-    log_norm = np.log(np.exp(shifted).sum(axis=1, dtype=np.float64))
-    return (shifted - log_norm[:, None]).astype(np.float32)
+    """Row-wise log-softmax of float32 logits, with the runtimes' log-normalizer."""
+    from edgellm.runtimes import log_normalizer
+
+    return (logits - log_normalizer(logits)[:, None]).astype(np.float32)
 
 
 def top_k(logits: np.ndarray, k: int = TOP_K, samples: int = TAIL_SAMPLES,

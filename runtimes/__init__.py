@@ -84,13 +84,18 @@ def argmax(logits: np.ndarray) -> int:
     return int(np.argmax(logits))
 
 
-def nll_of_targets(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Sum over rows of -log softmax(logits)[target]. Exponentials in float32 (after the max
-    is subtracted they lie in [0, 1]), sums in float64: 17× faster than all-float64 on a
+def log_normalizer(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-sum-exp of float32 logits, in float64. Exponentials in float32 (after the
+    max is subtracted they lie in [0, 1]), sums in float64: 17× faster than all-float64 on a
     512×49152 window, and equal to it within 1e-9 relative."""
     peak = logits.max(axis=1, keepdims=True)
     sums = np.exp(logits - peak).sum(axis=1, dtype=np.float64)
-    log_norm = np.log(sums) + peak[:, 0]
+    return np.log(sums) + peak[:, 0]
+
+
+def nll_of_targets(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Sum over rows of -log softmax(logits)[target]."""
+    log_norm = log_normalizer(logits)
     picked = logits[np.arange(len(targets)), targets].astype(np.float64)
     return float((log_norm - picked).sum())
 
