@@ -36,6 +36,7 @@ class Options(BaseModel):
     damp: float = Field(0.01, gt=0, lt=1)
     block: int = Field(128, ge=32)
     samples: int | None = Field(None, gt=0)  # calibration windows; default [calibration].samples
+    backend: Literal["native", "gptqmodel"] = "native"  # gptqmodel: CUDA only (gptqmodel_backend.py)
 
 
 def grid_of(options: Options, context) -> Grid:
@@ -54,7 +55,15 @@ def grid_of(options: Options, context) -> Grid:
 def identity(options: Options, context) -> dict:
     """bits/group_size/grid/symmetric only choose the grid: name the grid instead."""
     chosen = options.model_dump(exclude={"bits", "group_size", "grid", "symmetric"})
-    return {**chosen, "grid": grid_of(options, context).label}
+    grid = grid_of(options, context)
+    if options.backend == "native":  # keeps the keys of steps cached before backends existed
+        del chosen["backend"]
+    else:  # refused before any work starts, as a recipe's other mistakes are
+        from edgellm.compress import gptqmodel_backend
+
+        gptqmodel_backend.quantize_config_kwargs(grid, options)
+        gptqmodel_backend.check_available()
+    return {**chosen, "grid": grid.label}
 
 
 def apply(source: Path, dest: Path, options: Options, context) -> None:
@@ -66,6 +75,11 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
     grid = grid_of(options, context)
     cal = context.calibration
     ids = calibration_ids(source, cal.text, options.samples or cal.samples, cal.seqlen)
+    if options.backend == "gptqmodel":
+        from edgellm.compress import gptqmodel_backend
+
+        gptqmodel_backend.quantize(source, dest, grid, options, ids, context.console)
+        return
 
     def process(index: int, layer: torch.nn.Module, inputs) -> dict[str, torch.Tensor]:
         return quantize_layer(layer, inputs, grid, options, f"model.layers.{index}")

@@ -27,15 +27,19 @@ def collect_hessians(layer: torch.nn.Module, inputs, only: list[str] | None = No
     """Run the layer over the calibration activations once; one Hessian per distinct input
     (q/k/v share the normed hidden states, gate/up share theirs). `only` limits which
     linears are measured; with `first_group`, only the first of them to run and those
-    sharing its input, and each forward pass stops when a linear with another input comes."""
+    sharing its input, and each forward pass stops when a linear with another input comes.
+    Either way a pass stops once every measured linear has its input (down_proj's own
+    product, a quarter of the layer's work, would be thrown away)."""
     linears = {n: m for n, m in linear_layers(layer).items() if only is None or n in only}
     hessians: dict[str, Hessian] = {}
     # id of an input tensor within one forward call → (the tensor, kept alive so its id is
     # not reused by another tensor in the same call, and its Hessian)
     seen: dict[int, tuple[torch.Tensor, Hessian]] = {}
+    measured: set[str] = set()  # the linears whose input this forward call has given
 
     def reset(*_):
         seen.clear()
+        measured.clear()
 
     def hook_for(name):
         def hook(_module, args):
@@ -46,6 +50,9 @@ def collect_hessians(layer: torch.nn.Module, inputs, only: list[str] | None = No
                 seen[id(x)] = (x, hessians.get(name) or Hessian(x.shape[-1]))
                 seen[id(x)][1].add(x)
             hessians[name] = seen[id(x)][1]
+            measured.add(name)
+            if len(measured) == len(linears):
+                raise _Enough
         return hook
 
     handles = [layer.register_forward_pre_hook(reset)]

@@ -16,12 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgellm.artifacts import atomic_path
 from edgellm.errors import UserError
 
-# recipe weights → builder precision. fp16 is left out for now: the builder's fp16 graph
-# for the CPU provider fails in onnxruntime 1.31 CPU with a buffer shape mismatch in its
-# repeat_kv Cast (seen on a tiny llama); fp16 belongs with GPU providers.
-PRECISIONS = {"f32": "fp32", "int8": "int8", "int4": "int4"}
+# recipe weights → builder precision
+PRECISIONS = {"f32": "fp32", "f16": "fp16", "int8": "int8", "int4": "int4"}
 ONNX_WEIGHTS = tuple(PRECISIONS)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM")
@@ -69,11 +68,30 @@ def export_onnx(model_dir: Path, target: Path, export, work: Path) -> Path:
         last = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"ONNX export of {model_dir} failed ({last[0][:200]}): see {log}")
     shutil.rmtree(work / "onnx-builder-cache", ignore_errors=True)
+    if export.weights == "f16":
+        drop_shape_hints(target / "model.onnx")
     if export.weights == "int8" and _ties_embeddings(model_dir):
         from edgellm.export.onnx_tied import share_tied_int8_embedding
 
         share_tied_int8_embedding(target / "model.onnx")
     return target
+
+
+def drop_shape_hints(model_path: Path) -> None:
+    """Remove the graph's value_info (optional shape annotations of intermediate tensors).
+
+    The builder's fp16 CPU graph (onnxruntime-genai 0.18) repeats K/V heads with Reshape
+    nodes whose outputs it annotates with the new tokens' length, `sequence_length`, where
+    the cache makes them `total_sequence_length` long. ONNX Runtime plans its buffers from
+    those hints: the prefill runs, and the first cached decode step fails with "Shape
+    mismatch attempting to re-use buffer". Without the hints ONNX Runtime infers the shapes
+    itself; the weights (external data) are untouched."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    del model.graph.value_info[:]
+    with atomic_path(model_path) as tmp:
+        onnx.save(model, str(tmp))
 
 
 def _ties_embeddings(model_dir: Path) -> bool:

@@ -99,3 +99,20 @@ seqlen = 64
 {variants}
 """)
     return path
+
+
+def gptq_folder(tiny_llama: Path, tmp_path: Path, **options) -> Path:
+    """A GPTQ checkpoint of the tiny llama, solved on 4 × 64 calibration tokens."""
+    from edgellm.compress import Context, apply_step
+    from edgellm.recipe import CalibrationSpec
+
+    dest = tmp_path / "gptq"
+    dest.mkdir()
+    calibration = CalibrationSpec(text=str(shared_text("wikitext-2-valid.txt")), samples=4, seqlen=64)
+    apply_step({"method": "gptq", **options}, tiny_llama, dest, Context(calibration=calibration))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def tiny_gptq(tiny_llama, tmp_path_factory) -> Path:
+    return gptq_folder(tiny_llama, tmp_path_factory.mktemp("gptq"), grid="q4_0")

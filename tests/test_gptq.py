@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, shared_text, write_tiny_recipe
+from conftest import gptq_folder, run_cli, write_tiny_recipe
 
 from edgellm.compress.gptq_format import (
     PackedLinear,
@@ -18,7 +18,6 @@ from edgellm.compress.gptq_format import (
 )
 from edgellm.compress.grids import Grid, dequantize
 from edgellm.compress.solver import Hessian, gptq_quantize
-from edgellm.recipe import CalibrationSpec
 
 Q4_0 = Grid("q4_0", 4, 32, True)
 
@@ -76,21 +75,6 @@ def test_gptq_output_error_beats_round_to_nearest_on_the_same_grid(grid, act_ord
     assert gptq_error < 0.8 * rtn_error
 
 
-def _gptq_folder(tiny_llama, tmp_path, **options):
-    from edgellm.compress import Context, apply_step
-
-    dest = tmp_path / "gptq"
-    dest.mkdir()
-    calibration = CalibrationSpec(text=str(shared_text("wikitext-2-valid.txt")), samples=4, seqlen=64)
-    apply_step({"method": "gptq", **options}, tiny_llama, dest, Context(calibration=calibration))
-    return dest
-
-
-@pytest.fixture(scope="module")
-def tiny_gptq(tiny_llama, tmp_path_factory):
-    return _gptq_folder(tiny_llama, tmp_path_factory.mktemp("gptq"), grid="q4_0")
-
-
 def test_gptq_folder_is_a_standard_checkpoint(tiny_gptq):
     import json
 
@@ -127,7 +111,7 @@ def test_gguf_blocks_hold_the_solvers_weights_bit_for_bit(tiny_llama, tmp_path, 
     from edgellm.export.gguf import export_gguf
     from edgellm.export.gguf_arch import llama_rope_permute
 
-    tiny_gptq = _gptq_folder(tiny_llama, tmp_path, grid=weights)
+    tiny_gptq = gptq_folder(tiny_llama, tmp_path, grid=weights)
     path = export_gguf(tiny_gptq, tmp_path / "model.gguf", weights, tmp_path)
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
@@ -232,7 +216,7 @@ def test_onnx_matmulnbits_hold_the_solvers_weights_bit_for_bit(tiny_llama, tmp_p
     from edgellm.export.onnx import export_onnx
     from edgellm.recipe import ExportSpec
 
-    folder = _gptq_folder(tiny_llama, tmp_path, grid="nbits", symmetric=False)
+    folder = gptq_folder(tiny_llama, tmp_path, grid="nbits", symmetric=False)
     work = tmp_path / "work"
     work.mkdir()
     target = export_onnx(folder, tmp_path / "onnx", ExportSpec(format="onnx", weights="int4"), work)

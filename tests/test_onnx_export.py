@@ -55,6 +55,18 @@ def test_cached_generation_matches_torch(tiny_llama, onnx_models):
     assert onnx_tokens == torch_tokens
 
 
+def test_f16_onnx_scores_and_generates_with_the_cache_like_f32(tiny_llama, onnx_models, tmp_path):
+    """The builder's fp16 CPU graph carried shape hints that broke the first cached decode
+    step ("Shape mismatch attempting to re-use buffer"); the export drops them."""
+    f16 = export_onnx(tiny_llama, tmp_path / "f16", ExportSpec(format="onnx", weights="f16"), tmp_path)
+    f32_bytes = (onnx_models.f32 / "model.onnx.data").stat().st_size
+    assert (f16 / "model.onnx.data").stat().st_size < 0.6 * f32_bytes
+    assert score("onnx", f16) == pytest.approx(score("onnx", onnx_models.f32), rel=0.01)
+    prompt = WINDOW[:16]
+    f32_tokens = open_runtime("onnx", str(onnx_models.f32), 1, 64).generate(prompt, 12).tokens
+    assert open_runtime("onnx", str(f16), 1, 64).generate(prompt, 12).tokens == f32_tokens
+
+
 def test_int4_is_smaller_and_ort_format_scores_like_its_onnx(onnx_models):
     def weights_size(folder):
         return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data"))

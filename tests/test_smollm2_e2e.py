@@ -239,3 +239,20 @@ def test_mlx_f16_export_of_smollm2_matches_torch(tmp_path):
     assert rows["mlx-f16"]["runtime"] == "mlx"
     assert abs(rows["mlx-f16"]["ppl_delta_pct"]) < 0.5
     assert rows["mlx-f16"]["size_bytes"] < 0.55 * rows["reference"]["size_bytes"]
+
+
+def test_f16_onnx_and_ort_of_smollm2_match_torch(tmp_path):
+    """fp16 ONNX (and its ORT-format copy) on the CPU provider: within 1% of torch on
+    2,048 tokens and the same greedy tokens; README has the 16,384-token figure."""
+    recipe = tmp_path / "f16.toml"
+    recipe.write_text('[model]\nsource = "smollm2-135m"\n[eval]\nmax_tokens = 2048\n'
+                      'decode_tokens = 16\n[[variant]]\nname = "onnx-f16"\n'
+                      'export = { format = "onnx", weights = "f16" }\n[[variant]]\n'
+                      'name = "ort-f16"\nexport = { format = "ort", weights = "f16" }\n')
+    result = run_cli("run", recipe, "--out", tmp_path / "out", timeout=1800)
+    assert result.returncode == 0, result.stderr
+    rows = {v["name"]: v for v in json.loads((tmp_path / "out" / "report.json").read_text())["variants"]}
+    for name in ("onnx-f16", "ort-f16"):
+        assert abs(rows[name]["ppl_delta_pct"]) < 1.0, rows[name]
+        assert rows[name]["greedy_tokens"] == rows["reference"]["greedy_tokens"]
+    assert rows["onnx-f16"]["size_bytes"] < 0.55 * rows["reference"]["size_bytes"]
