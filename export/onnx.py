@@ -21,7 +21,8 @@ from edgellm.errors import UserError
 
 # recipe weights → builder precision
 PRECISIONS = {"f32": "fp32", "f16": "fp16", "int8": "int8", "int4": "int4"}
-ONNX_WEIGHTS = tuple(PRECISIONS)
+# int8-dynamic: the fp32 graph, then MatMulInteger by ONNX Runtime (export/onnx_dynamic.py)
+ONNX_WEIGHTS = (*PRECISIONS, "int8-dynamic")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM")
 
@@ -54,6 +55,8 @@ def export_onnx(model_dir: Path, target: Path, export, work: Path) -> Path:
     """Write the ONNX folder `target` (model.onnx, model.onnx.data, genai_config.json,
     tokenizer files). `target` lies inside a staging folder, so a failure leaves nothing."""
     check_architecture(model_dir)
+    if export.weights == "int8-dynamic":
+        return _export_dynamic_int8(model_dir, target, export, work)
     target.mkdir(parents=True, exist_ok=True)
     log = work / f"onnx-builder-{export.weights}.log"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir),
@@ -74,6 +77,18 @@ def export_onnx(model_dir: Path, target: Path, export, work: Path) -> Path:
         from edgellm.export.onnx_tied import share_tied_int8_embedding
 
         share_tied_int8_embedding(target / "model.onnx")
+    return target
+
+
+def _export_dynamic_int8(model_dir: Path, target: Path, export, work: Path) -> Path:
+    from edgellm.export.onnx_dynamic import quantize_dynamic_int8
+
+    fp32 = work / "onnx-f32-for-int8-dynamic"
+    shutil.rmtree(fp32, ignore_errors=True)
+    export_onnx(model_dir, fp32, export.model_copy(update={"weights": "f32"}), work)
+    explicit = "lm_head_bits" in export.model_fields_set and export.lm_head_bits == 8
+    quantize_dynamic_int8(fp32, target, quantize_lm_head=explicit)
+    shutil.rmtree(fp32, ignore_errors=True)
     return target
 
 

@@ -271,3 +271,17 @@ export = { format = "gguf", weights = "q4_k_m" }
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "gptq-kquant" in lines[0] and "q4_k_m" in lines[0], lines
     assert not out.exists()
+
+
+def test_transformers_recognises_the_checkpoints_quantization_config(tiny_gptq):
+    """transformers turns the config into its GPTQConfig (loading the weights also needs
+    GPTQModel's kernels, not installed here): bits, groups and symmetry as written."""
+    import json
+
+    from transformers import GPTQConfig
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    quant = json.loads((tiny_gptq / "config.json").read_text())["quantization_config"]
+    parsed = AutoQuantizationConfig.from_dict(dict(quant))
+    assert isinstance(parsed, GPTQConfig)
+    assert (parsed.bits, parsed.group_size, parsed.sym, parsed.desc_act) == (4, 32, True, False)

@@ -67,6 +67,27 @@ def test_f16_onnx_scores_and_generates_with_the_cache_like_f32(tiny_llama, onnx_
     assert open_runtime("onnx", str(f16), 1, 64).generate(prompt, 12).tokens == f32_tokens
 
 
+def test_dynamic_int8_uses_matmulinteger_and_keeps_the_lm_head_float(tiny_llama, onnx_models, tmp_path):
+    import onnx
+
+    def op_types(folder):
+        nodes = onnx.load(folder / "model.onnx", load_external_data=False).graph.node
+        return {node.name: node.op_type for node in nodes}
+
+    spec = ExportSpec(format="onnx", weights="int8-dynamic")
+    dynamic = export_onnx(tiny_llama, tmp_path / "dyn", spec, tmp_path)
+    ops = op_types(dynamic)
+    assert list(ops.values()).count("MatMulInteger") == 2 * 5  # 2 layers: qkv, o, gate, up, down
+    assert ops["/lm_head/MatMul"] == "MatMul"
+    assert (dynamic / "genai_config.json").is_file()
+    assert not (tmp_path / "onnx-f32-for-int8-dynamic").exists()
+    assert score("onnx", dynamic) == pytest.approx(score("onnx", onnx_models.f32), rel=0.05)
+    assert len(open_runtime("onnx", str(dynamic), 1, 64).generate(WINDOW[:16], 4).tokens) == 4
+    spec = ExportSpec(format="onnx", weights="int8-dynamic", lm_head_bits=8)
+    ops = op_types(export_onnx(tiny_llama, tmp_path / "dyn-head", spec, tmp_path))
+    assert list(ops.values()).count("MatMulInteger") == 2 * 5 + 1
+
+
 def test_int4_is_smaller_and_ort_format_scores_like_its_onnx(onnx_models):
     def weights_size(folder):
         return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data"))
