@@ -8,8 +8,8 @@ per Llama-style decoder layer allow that without changing the function:
   input_layernorm → q/k/v_proj          the norm's weight divided by s (the paper's case)
   post_attention_layernorm → gate/up    the same
   up_proj → down_proj                   up_proj's output rows divided by s: down_proj's input
-                                        is silu(gate)·up, linear in up. SmolLM2's worst
-                                        outliers are here: leaving down_proj in float took
+                                        is silu(gate)·up, linear in up. SmolLM2's INT8 loss
+                                        sits here: leaving down_proj in float took
                                         per-tensor dynamic INT8 from +52% to +2.1% (2,048 tokens)
   v_proj → o_proj                       v_proj's output rows: attention is linear in V (with
                                         grouped KV heads, one v channel feeds every query head
