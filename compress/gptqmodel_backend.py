@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -70,10 +69,9 @@ def finish_checkpoint(source: Path, dest: Path, grid: Grid) -> None:
     """Tokenizer files GPTQModel did not copy, `edgellm_grid` in the config, and a read-back
     through edgellm's own reader (it refuses what the exporters could not carry)."""
     from edgellm.compress.gptq_format import dequantized_state, gptq_config
+    from edgellm.compress.layerwise import copy_side_files
 
-    for path in Path(source).iterdir():
-        if path.is_file() and path.suffix != ".safetensors" and not (dest / path.name).exists():
-            shutil.copy2(path, dest / path.name)
+    copy_side_files(source, dest, overwrite=False)
     config_path = dest / "config.json"
     config = json.loads(config_path.read_text())
     quant = gptq_config(config)

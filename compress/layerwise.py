@@ -65,10 +65,12 @@ class ShardWriter:
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_side_files(source: Path, dest: Path) -> None:
-    """Config, tokenizer and other small files of an HF folder (not its weights)."""
+def copy_side_files(source: Path, dest: Path, overwrite: bool = True) -> None:
+    """Config, tokenizer and other small files of an HF folder (not its weights); with
+    `overwrite` False, only those `dest` lacks."""
     for path in Path(source).iterdir():
-        if path.is_file() and path.suffix != ".safetensors" and path.name not in SKIP_FILES:
+        side = path.is_file() and path.suffix != ".safetensors" and path.name not in SKIP_FILES
+        if side and (overwrite or not (dest / path.name).exists()):
             shutil.copy2(path, dest / path.name)
 
 

@@ -126,11 +126,16 @@ def convert_to_ort(onnx_dir: Path, target: Path, work: Path) -> Path:
         proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not (target / "model.ort").is_file():
         raise UserError(f"ORT-format conversion of {onnx_dir} failed: see {log}")
-    for extra in onnx_dir.iterdir():  # tokenizer and genai config travel with the model
-        if extra.suffix in (".json", ".jinja"):
-            shutil.copy2(extra, target / extra.name)
+    copy_side_files(onnx_dir, target)
     _point_genai_config_at(target / "genai_config.json", "model.ort")
     return target
+
+
+def copy_side_files(onnx_dir: Path, target: Path) -> None:
+    """The tokenizer files and genai_config.json that travel with an ONNX model."""
+    for extra in onnx_dir.iterdir():
+        if extra.suffix in (".json", ".jinja"):
+            shutil.copy2(extra, target / extra.name)
 
 
 def _point_genai_config_at(config_path: Path, filename: str) -> None:

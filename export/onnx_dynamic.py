@@ -13,8 +13,9 @@ CPU; this is the layout for runtimes and accelerators that execute MatMulInteger
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
+
+from edgellm.export.onnx import copy_side_files
 
 LM_HEAD = "/lm_head/MatMul"  # the builder's name for the output projection
 
@@ -35,6 +36,4 @@ def quantize_dynamic_int8(fp32_dir: Path, target: Path, quantize_lm_head: bool) 
                          use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
     finally:
         root.setLevel(level)
-    for extra in fp32_dir.iterdir():
-        if extra.suffix in (".json", ".jinja"):
-            shutil.copy2(extra, target / extra.name)
+    copy_side_files(fp32_dir, target)
