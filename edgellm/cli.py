@@ -215,19 +215,12 @@ def gate(
     junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here.")] = None,
 ):
     """Exit 0 when every variant is within budget, 1 when one is not, 2 on bad input."""
-    from edgellm.gate import Budget, check, load_budgets, load_report, select_variants, write_junit
+    from edgellm.gate import Budget, run_gate
 
-    budget, per_variant = (load_budgets(budgets) if budgets else (Budget(), {}))
-    budget = Budget(max_size_mb, max_ppl_increase_pct, min_decode_tps, max_kl).over(budget)
-    if budget.is_empty() and not any(not b.is_empty() for b in per_variant.values()):
-        raise UserError("gate needs a budget: pass --max-size-mb, --max-ppl-increase-pct, "
-                        "--min-decode-tps, --max-kl or --budgets FILE")
-    rows = select_variants(load_report(report_path), variant, report_path)
-    breaches = check(rows, budget, per_variant)
-    if junit:
-        write_junit(junit, rows, budget, breaches, per_variant)
-    for breach in breaches:
-        err_console.print(breach.message, highlight=False, soft_wrap=True)
+    rows, breaches = run_gate(report_path, Budget(max_size_mb, max_ppl_increase_pct, min_decode_tps,
+                                                  max_kl), budgets, variant, junit)
+    for breach in breaches:  # report text is printed as it is: no rich markup, emoji or colour
+        err_console.print(breach.message, markup=False, emoji=False, highlight=False, soft_wrap=True)
     if breaches:
         raise typer.Exit(1)
     console.print(f"gate: {len(rows)} variant(s) within budget")

@@ -145,3 +145,135 @@ def test_compare_with_a_missing_report_is_one_line_exit_2(report, tmp_path):
     result = run_cli("compare", report, tmp_path / "nope.json")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "nope.json" in result.stderr
+
+
+DELETE = object()  # a key taken out of the row
+
+
+def write_rows(path, changes: dict):
+    """The fixture's report with `changes` ({(row index, key): value or DELETE}) applied."""
+    report = json.loads(path.read_text())
+    for (index, key), value in changes.items():
+        row = report["variants"][index]
+        if value is DELETE:
+            del row[key]
+        else:
+            row[key] = value
+    path.write_text(json.dumps(report))  # NaN and ±inf as JSON's NaN, Infinity, -Infinity
+    return path
+
+
+@pytest.mark.parametrize("key, value, option", [
+    ("size_bytes", float("nan"), "--max-size-mb"),
+    ("size_bytes", -1, "--max-size-mb"),
+    ("size_bytes", DELETE, "--max-size-mb"),
+    ("ppl", float("nan"), "--max-ppl-increase-pct"),
+    ("ppl", 0, "--max-ppl-increase-pct"),
+    ("ppl_delta_pct", float("nan"), "--max-ppl-increase-pct"),
+    ("ppl_delta_pct", float("-inf"), "--max-ppl-increase-pct"),
+    ("ppl_delta_pct", None, "--max-ppl-increase-pct"),
+    ("ppl_delta_pct", "0.1", "--max-ppl-increase-pct"),
+    ("decode_tps", float("inf"), "--min-decode-tps"),
+    ("decode_tps", True, "--min-decode-tps"),
+    ("kl_mean", float("nan"), "--max-kl"),
+    ("kl_mean", [0.0], "--max-kl"),
+    pytest.param("kl_mean", 10**400, "--max-kl", id="kl_mean-10**400-max-kl"),
+])
+def test_a_figure_that_cannot_be_trusted_is_a_breach(report, tmp_path, key, value, option):
+    write_rows(report, {(1, key): value})  # q8, within every budget below when sound
+    junit = tmp_path / "gate.xml"
+    result = run_cli("gate", report, option, 1000 if option != "--min-decode-tps" else 1,
+                     "--junit", junit)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"q8: {key} ") and option[2:] in lines[0], lines
+    failures = ElementTree.parse(junit).getroot().findall(".//failure")
+    assert [(f.get("message")) for f in failures] == lines
+
+
+def test_nan_figures_do_not_pass(report):
+    nan = float("nan")
+    write_rows(report, {(2, "ppl"): nan, (2, "ppl_delta_pct"): nan, (2, "kl_mean"): nan})
+    result = run_cli("gate", report, "--max-ppl-increase-pct", 25, "--max-kl", 1)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "q4: ppl is NaN, not a finite number > 0: fails max-ppl-increase-pct; rerun `edgellm run`",
+        "q4: kl_mean is NaN, not a finite number >= 0: fails max-kl; rerun `edgellm run`"]
+
+
+def test_unbudgeted_figures_are_not_gated(report):
+    write_rows(report, {(1, "decode_tps"): None, (2, "kl_mean"): DELETE})
+    result = run_cli("gate", report, "--max-size-mb", 200)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--max-ppl-increase-pct", "nan"), ("--max-ppl-increase-pct", "inf"),
+    ("--max-ppl-increase-pct", "-1"), ("--max-size-mb", "nan"), ("--max-size-mb", "inf"),
+    ("--min-decode-tps", "NaN"), ("--max-kl", "nan"), ("--max-kl", "-inf"),
+])
+def test_a_budget_that_is_not_a_finite_number_is_bad_input(report, option, value):
+    result = run_cli("gate", report, f"{option}={value}")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and option in lines[0] and "Traceback" not in result.stderr, lines
+
+
+@pytest.mark.parametrize("content, key", [
+    ("max_ppl_increase_pct = nan\n", "max_ppl_increase_pct"),
+    ("max_ppl_increase_pct = inf\n", "max_ppl_increase_pct"),
+    ("max_ppl_increase_pct = -5\n", "max_ppl_increase_pct"),
+    ("max_kl = -inf\n", "max_kl"),
+    ("max_size_mb = true\n", "max_size_mb"),
+    ("max_size_mb = 100\n[variant.q4]\nmin_decode_tps = nan\n", "variant.q4.min_decode_tps"),
+])
+def test_a_budgets_file_limit_that_is_not_a_finite_number_is_bad_input(report, tmp_path, content, key):
+    budgets = tmp_path / "budgets.toml"
+    budgets.write_text(content)
+    result = run_cli("gate", report, "--budgets", budgets)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"'{key}'" in lines[0] and "finite number >= 0" in lines[0], lines
+
+
+@pytest.mark.parametrize("content", [
+    "[variant.q4x]\nmax_ppl_increase_pct = 1\n",  # the only limit, for a misspelt variant
+    "max_size_mb = 200\n[variant.Q4]\nmax_kl = 0.01\n",
+])
+def test_a_budget_for_a_variant_not_in_the_report_is_bad_input(report, tmp_path, content):
+    budgets = tmp_path / "budgets.toml"
+    budgets.write_text(content)
+    result = run_cli("gate", report, "--budgets", budgets)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "names no variant" in lines[0] and "fix the name" in lines[0], lines
+
+
+def test_a_budget_only_for_an_ungated_variant_is_bad_input(report, tmp_path):
+    budgets = tmp_path / "budgets.toml"
+    budgets.write_text("[variant.reference]\nmax_size_mb = 1\n")
+    result = run_cli("gate", report, "--budgets", budgets)
+    assert result.returncode == 2 and "gate needs a budget for q8, q4" in result.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[]", "not a JSON object"),
+    ("3", "not a JSON object"),
+    ("NaN", "not a JSON object"),
+    ('{"variants": {"q8": {}}}', "has no variants"),
+    ('{"variants": []}', "has no variants"),
+    ('{"variants": [3]}', "variant 1 is not an object with a name"),
+    ('{"variants": [{"size_bytes": 1}]}', "variant 1 is not an object with a name"),
+    ('{"variants": [{"name": "q8"}, {"name": null}]}', "variant 2 is not an object with a name"),
+    ('{"variants": [{"name": "a\\nb"}]}', "variant 1 is not an object with a name"),
+    ('{"variants": [{"name": "q8"}, {"name": "q8"}]}', "two variants are named 'q8'"),
+    ('{"variants": [{"name": "reference"}]}', "nothing to gate"),
+    ('[' * 100_000, "not valid JSON"),
+])
+def test_a_malformed_report_is_bad_input(tmp_path, text, message):
+    path = tmp_path / "report.json"
+    path.write_text(text)
+    result = run_cli("gate", path, "--max-size-mb", 1)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, lines
