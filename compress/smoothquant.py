@@ -3,7 +3,9 @@
 Per input channel j of a group of linear layers, s_j = max|X_j|^α / max|W_j|^(1−α), with
 the activation maxima measured on the calibration text; the module producing those
 channels is divided by s and the consumers' weight columns multiplied by s. Four places
-per Llama-style decoder layer allow that without changing the function:
+per Llama-style decoder layer allow that without changing the function (each family's
+file in edgellm/archs/ lists its own: Gemma 3's MLP input is pre_feedforward_layernorm and
+its norms are x̂·(1 + w); Phi-3's fused projections allow only the two norm migrations):
 
   input_layernorm → q/k/v_proj          the norm's weight divided by s (the paper's case)
   post_attention_layernorm → gate/up    the same
@@ -68,6 +70,7 @@ class Migration:
     consumers: list[torch.nn.Linear]
     repeat: int = 1
     head_dim: int = 0
+    norm_offset: float = 0.0  # the norm computes x̂·(offset + w) (Gemma: 1)
 
     def _per_producer_channel(self, per_input: torch.Tensor) -> torch.Tensor:
         if self.repeat == 1:
@@ -89,31 +92,35 @@ class Migration:
             self.producer.weight.div_(scale[:, None])
             if self.producer.bias is not None:
                 self.producer.bias.div_(scale)
-        else:
-            self.producer.weight.div_(scale)
+        else:  # (offset + w) / s = offset + w'
+            weight = self.producer.weight
+            weight.copy_((weight + self.norm_offset) / scale - self.norm_offset)
         for consumer in self.consumers:
             consumer.weight.mul_(self._per_input_channel(scale)[None, :])
 
 
 def migrations_of(model) -> list[Migration]:
-    """The four migrations of each decoder layer of a Llama-style model."""
+    """Each decoder layer's migrations, as its family's description lists them
+    (edgellm/archs/: which norm or linear feeds which linears)."""
+    from edgellm.archs import family_of
+
+    family = family_of(model.config.to_dict())
     layers = getattr(getattr(model, "model", None), "layers", [])
-    if not layers:
-        raise UserError("smoothquant supports Llama-style decoders (model.layers with "
-                        "input_layernorm, self_attn, mlp): this model has none")
+    if not layers or not family.smooth:
+        raise UserError(f"smoothquant has no migrations for {family.name}: see "
+                        f"edgellm/archs/{family.name}.py")
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     repeat = config.num_attention_heads // (getattr(config, "num_key_value_heads", None)
                                             or config.num_attention_heads)
     migrations = []
     for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        migrations += [
-            Migration(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
-            Migration(attn.v_proj, [attn.o_proj], repeat, head_dim),
-            Migration(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
-            Migration(mlp.up_proj, [mlp.down_proj]),
-        ]
+        for smooth in family.smooth:
+            producer = layer.get_submodule(smooth.producer)
+            consumers = [layer.get_submodule(name) for name in smooth.consumers]
+            migrations.append(Migration(
+                producer, consumers, repeat if smooth.heads else 1, head_dim if smooth.heads else 0,
+                0.0 if isinstance(producer, torch.nn.Linear) else family.norm_offset))
     return migrations
 
 

@@ -46,7 +46,11 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
     from edgellm.compress.layerwise import copy_side_files
     from edgellm.models import load_folder_model
 
+    from edgellm.archs import check_support, family_of
+
     config = json.loads((Path(source) / "config.json").read_text())
+    family = family_of(config, str(source))
+    check_support(family, "width pruning (separate q/k/v and gate/up projections)", family.width)
     ffn_keep = kept_ffn(config["intermediate_size"], options.ffn)
     groups = config.get("num_key_value_heads") or config["num_attention_heads"]
     groups_keep = kept_groups(groups, options.heads)
@@ -55,7 +59,8 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
     model = load_folder_model(source)
     norms = input_norms(model, ids)
     state = model.state_dict()
-    head_dim = model.config.head_dim
+    head_dim = getattr(model.config, "head_dim", None) or \
+        model.config.hidden_size // model.config.num_attention_heads
     per_group = model.config.num_attention_heads // groups
     for index, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{index}."

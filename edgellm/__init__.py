@@ -1,6 +1,6 @@
 """edgellm: compress causal LMs, export them to GGUF/ONNX, measure them in their real runtimes."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 import logging as _logging
 

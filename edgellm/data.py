@@ -1,6 +1,6 @@
 """Evaluation texts: built-in names for the shared data files, reading, tokenizing once, windows.
 
-The protocol (see DESIGN.md): the base model's tokenizer turns the text into ids once;
+The protocol (docs/design.md): the base model's tokenizer turns the text into ids once;
 every runtime scores the same ids in non-overlapping windows of `ctx` tokens.
 """
 
@@ -73,8 +73,14 @@ def tokenize(tokenizer, text: str, max_tokens: int | None) -> np.ndarray:
     return np.asarray(ids, dtype=np.int32)
 
 
-def token_windows(ids: np.ndarray, ctx: int, source: str = "text") -> list[np.ndarray]:
-    """Non-overlapping windows of exactly `ctx` ids; the tail shorter than a window is dropped."""
+def token_windows(ids: np.ndarray, ctx: int, source: str = "text",
+                  bos: int | None = None) -> list[np.ndarray]:
+    """Non-overlapping windows of exactly `ctx` ids; the tail shorter than a window is dropped.
+    With `bos` (the model's tokenizer adds one), each window is BOS then ctx − 1 text ids,
+    as llama-perplexity starts each chunk: every target is still a text token."""
+    if bos is not None:
+        body = token_windows(ids, ctx - 1, source) if ctx > 2 else token_windows(ids, ctx, source)
+        return [np.concatenate([np.asarray([bos], dtype=ids.dtype), w]) for w in body]
     if ctx < 2:
         raise UserError(f"ctx {ctx} is too small: use a window of at least 2 tokens")
     count = len(ids) // ctx

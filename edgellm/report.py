@@ -135,7 +135,8 @@ def build_report(recipe, source, eval_input, results: list[VariantResult], out: 
         "eval": {"text": recipe.eval.text, "path": str(eval_input.text_path),
                  "sha256": eval_input.text_sha256, "tokens": eval_input.tokens,
                  "tokens_scored": first["tokens_scored"], "ctx": recipe.eval.ctx,
-                 "windows": first["windows"], "decode_tokens": recipe.eval.decode_tokens},
+                 "windows": first["windows"], "decode_tokens": recipe.eval.decode_tokens,
+                 "bos": {"added": eval_input.bos is not None, "id": eval_input.bos}},
         "machine": {**machine_info(), "threads": first["threads"],
                     "memory_bandwidth_gbs": bandwidth},
         "tools": tool_versions(),
@@ -220,6 +221,12 @@ def rich_table(variants: list[dict]):
     return table
 
 
+def bos_note(ev: dict) -> str:
+    bos = ev.get("bos") or {}
+    return f", each starting with BOS (id {bos['id']}) as the tokenizer adds it" \
+        if bos.get("added") else ""
+
+
 def render_markdown(report: dict) -> str:
     ev, machine = report["eval"], report["machine"]
     return "\n".join([
@@ -228,8 +235,8 @@ def render_markdown(report: dict) -> str:
         markdown_table(report["variants"]),
         "",
         f"Perplexity on `{ev['text']}` (sha256 `{ev['sha256'][:16]}…`), {ev['tokens_scored']} "
-        f"scored tokens in {ev['windows']} windows of {ev['ctx']}; every runtime scored the "
-        "same token ids. Δppl is against the torch fp32 reference. KL is the mean KL "
+        f"scored tokens in {ev['windows']} windows of {ev['ctx']}"
+        f"{bos_note(ev)}; every runtime scored the same token ids. Δppl is against the torch fp32 reference. KL is the mean KL "
         "divergence (nats) of each variant's next-token distribution from the reference's "
         f"(exact over the reference's top {TOP_K} tokens, the rest estimated from "
         f"{TAIL_SAMPLES} sampled tokens per position); KL p99 its 99th percentile over "

@@ -90,7 +90,7 @@ def export_model(model: str, to: str, weights: str | None, out: Path, console: C
     from edgellm.artifacts import staged_dir
     from edgellm.export import weights_for
     from edgellm.export.build import export_artifact
-    from edgellm.pipeline import check_out_dir, prepare_out_dir
+    from edgellm.pipeline import check_out_dir, check_source_for, prepare_out_dir
     from edgellm.recipe import ExportSpec
 
     if to not in DEFAULT_WEIGHTS:
@@ -101,6 +101,7 @@ def export_model(model: str, to: str, weights: str | None, out: Path, console: C
         raise UserError(f"weights '{weights}' not available for {to}: use one of "
                         f"{', '.join(weights_for(to))}")
     source = resolve_source(model, allow_pickle)
+    check_source_for(source, to, [])
     check_weights_cover_config(source)
     params = count_parameters(source.files())
     check_out_dir(out)
@@ -153,7 +154,7 @@ def compress_model(model: str, method: str, settings: list[str], calibration, ou
 
     from edgellm.artifacts import staged_dir
     from edgellm.compress import Context, apply_step
-    from edgellm.pipeline import check_out_dir, prepare_out_dir
+    from edgellm.pipeline import check_out_dir, check_source_for, prepare_out_dir
     from edgellm.recipe import parse_recipe
 
     step = {"method": method, **parse_settings(settings)}
@@ -166,6 +167,7 @@ def compress_model(model: str, method: str, settings: list[str], calibration, ou
     rank = int(os.environ.get("RANK", "0"))  # set by accelerate launch / torchrun
     if rank > 0:
         return _follow(step, source, out, calibration, console, rank)
+    check_source_for(source, "torch", [method])
     check_weights_cover_config(source)
     params = count_parameters(source.files())
     check_out_dir(out)

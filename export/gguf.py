@@ -1,5 +1,6 @@
-"""HF folder → GGUF file: float types written with the official `gguf` writer, quantized
-types made from an f32 GGUF by llama.cpp's own quantizer (`llama_model_quantize`).
+"""HF folder → GGUF file: float types written by llama.cpp's own converter (export/llama_converter.py),
+quantized types made from its f32 GGUF by llama.cpp's quantizer (`llama_model_quantize`), and
+GPTQ checkpoints carried block for block (export/gguf_gptq.py).
 
 The same file loads in llama.cpp unchanged: it is what laptop and phone apps embed.
 """
@@ -12,22 +13,11 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import gguf
-import numpy as np
-import torch
-from safetensors import safe_open
-
+from edgellm.archs import check_rope, family_of
 from edgellm.artifacts import atomic_path
-from edgellm.compress.gptq_format import PackedLinear, gptq_config, read_packed
 from edgellm.errors import UserError
-from edgellm.export.gguf_arch import arch_for
-from edgellm.export.gguf_vocab import add_vocab
 
-FLOAT_TYPES = {
-    "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
-    "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
-    "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
-}
+FLOAT_TYPES = ("f32", "f16", "bf16")
 # llama.cpp's quantizer file types, by the names llama-quantize uses.
 QUANT_TYPES = {
     "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
@@ -41,7 +31,16 @@ QUANT_TYPES = {
     "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
     "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
 }
-GGUF_WEIGHTS = tuple(FLOAT_TYPES) + tuple(QUANT_TYPES)
+GGUF_WEIGHTS = FLOAT_TYPES + tuple(QUANT_TYPES)
+from edgellm.source_meta import GGUF_VOCAB as VOCAB
+from edgellm.source_meta import SOURCE_META
+
+
+def check_exportable(folder: Path) -> None:
+    """Before any work: the folder's architecture and rope scaling have a GGUF route."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    family_of(config, str(folder))
+    check_rope(config, str(folder))
 
 
 def export_gguf(folder: Path, out_path: Path, weights: str, work_dir: Path,
@@ -49,148 +48,71 @@ def export_gguf(folder: Path, out_path: Path, weights: str, work_dir: Path,
     """Write `out_path` in the requested weight type; `work_dir` keeps the f32 intermediate.
     `imatrix` ({tensor name: mean squared input per column}) guides quantized types.
     A GPTQ checkpoint whose grid is the requested type's is written block for block."""
+    from edgellm.export.gguf_gptq import gguf_blocks_fit, write_gptq_gguf
+
+    if weights not in GGUF_WEIGHTS:
+        raise UserError(f"GGUF weights '{weights}' unknown: use one of {', '.join(GGUF_WEIGHTS)}")
+    check_exportable(folder)
     if weights in FLOAT_TYPES:
-        write_float_gguf(folder, out_path, weights)
-    elif weights in QUANT_TYPES:
-        if gguf_blocks_fit(folder, weights):
-            write_gguf(folder, out_path, GPTQ_BLOCKS[weights][0], _encode_gptq(weights))
-            return out_path
+        write_float_gguf(folder, out_path, weights, work_dir)
+    elif gguf_blocks_fit(folder, weights):
+        write_gptq_gguf(folder, out_path, weights, work_dir)
+    else:
         source = work_dir / "model-f32.gguf"
         if not source.is_file():
-            write_float_gguf(folder, source, "f32")
+            write_float_gguf(folder, source, "f32", work_dir)
         quantize_gguf(source, out_path, weights, imatrix=imatrix)
-    else:
-        raise UserError(f"GGUF weights '{weights}' unknown: use one of {', '.join(GGUF_WEIGHTS)}")
     return out_path
 
 
-def write_float_gguf(folder: Path, out_path: Path, weights: str) -> None:
-    """Convert an HF folder (safetensors; GPTQ checkpoints dequantized) to float tensors."""
-    file_type, tensor_type = FLOAT_TYPES[weights]
+def write_float_gguf(folder: Path, out_path: Path, weights: str, work: Path) -> None:
+    """Convert an HF folder to a float GGUF with llama.cpp's converter (a GPTQ checkpoint is
+    dequantized first, into `work`)."""
+    from edgellm.compress.gptq_format import is_gptq_folder
+    from edgellm.export.llama_converter import convert
 
-    def encode(_name: str, value):
-        data = value.dequantize().numpy() if isinstance(value, PackedLinear) else value
-        return _encode_float(data, tensor_type)
-
-    write_gguf(folder, out_path, file_type, encode)
-
-
-def write_gguf(folder: Path, out_path: Path, file_type, encode) -> None:
-    """Write an HF folder as GGUF; `encode(hf_name, value)` turns each tensor (a float array,
-    or a PackedLinear of a GPTQ checkpoint) into (array, raw GGML type or None)."""
+    folder = Path(folder)
+    if is_gptq_folder(folder):
+        folder = dequantized_folder(folder, work)
     config = json.loads((folder / "config.json").read_text())
-    arch = arch_for(config)
-    name_map = gguf.get_tensor_name_map(arch.arch, config["num_hidden_layers"])
+    family = family_of(config, str(folder))
+    vocab_path = folder / VOCAB
+    vocab = json.loads(vocab_path.read_text(encoding="utf-8")) if vocab_path.is_file() else None
+    extra = family.gguf_extra(config) if family.gguf_extra else {}
     with atomic_path(out_path) as tmp:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.arch])
-        writer.add_name(config.get("_name_or_path") or folder.name)
-        writer.add_file_type(file_type)
-        arch.write_hparams(writer, config)
-        add_vocab(writer, folder, config["vocab_size"])
-        for hf_name, value in _hf_tensors(folder, config):
-            gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise UserError(f"tensor {hf_name} in {folder} has no GGUF name: unsupported model")
-            data, raw_dtype = encode(hf_name, value)
-            # row transforms (llama's q/k permutation) act on whole rows: packed blocks too
-            data = arch.transform(hf_name, data, config)
-            writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        convert(folder, tmp, weights, work, vocab, extra, source_general(folder))
 
 
-def _hf_tensors(folder: Path, config: dict):
-    """(name, float32 array) for each stored tensor, a tied lm_head left out; a GPTQ
-    checkpoint's quantized linears come as (`….weight`, PackedLinear)."""
-    tied = config.get("tie_word_embeddings", False)
-    tensors = {}
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"model folder {folder} has no .safetensors weights to export: add them")
-    for path in files:
-        with safe_open(path, framework="pt") as handle:
-            for name in handle.keys():
-                if not (tied and name == "lm_head.weight"):
-                    tensors[name] = handle.get_tensor(name)
-    packed = read_packed(folder, tensors) if gptq_config(config) else {}
-    for name, tensor in tensors.items():
-        prefix, _, part = name.rpartition(".")
-        if prefix in packed:
-            if part == "qweight":
-                yield f"{prefix}.weight", packed[prefix]
-            continue
-        yield name, tensor.float().numpy()
+def dequantized_folder(folder: Path, work: Path) -> Path:
+    """The float weights a GPTQ checkpoint computes with, saved once as an HF folder."""
+    from edgellm.artifacts import sha256_files
+    from edgellm.compress.gptq_format import load_dequantized
+    from edgellm.compress.layerwise import copy_side_files
+
+    import shutil
+
+    key = sha256_files(sorted(folder.glob("*.safetensors")))[:12]
+    dest = work / f"dequantized-{key}"
+    if (dest / "config.json").is_file():
+        return dest
+    staging = work / f".dequantized-{key}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        load_dequantized(folder).save_pretrained(staging, safe_serialization=True)
+        copy_side_files(folder, staging, overwrite=False)
+        staging.replace(dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
 
 
-def _encode_float(data: np.ndarray, tensor_type):
-    if data.ndim == 1 or tensor_type == gguf.GGMLQuantizationType.F32:
-        return data.astype(np.float32), None
-    if tensor_type == gguf.GGMLQuantizationType.F16:
-        return data.astype(np.float16), None
-    return gguf.quants.quantize(data.astype(np.float32), tensor_type), tensor_type
-
-
-# GPTQ-solved integers go into GGUF blocks as they are (no second rounding):
-# weights → (file type, checkpoint bits, zero point, largest integer)
-GPTQ_BLOCKS = {
-    "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, 4, 8, 15),
-    "q5_0": (gguf.LlamaFileType.MOSTLY_Q5_0, 8, 16, 31),  # 8-bit checkpoint layout
-    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, 8, 128, 255),
-}
-
-
-def gguf_blocks_fit(folder: Path, weights: str) -> bool:
-    """Whether a folder is a GPTQ checkpoint solved on `weights`' grid (edgellm records
-    it; for other checkpoints: 4-bit symmetric blocks of 32 are Q4_0's grid, 8-bit Q8_0's)."""
-    config_path = folder / "config.json"
-    quant = gptq_config(json.loads(config_path.read_text())) if config_path.is_file() else None
-    if quant is None or weights not in GPTQ_BLOCKS:
-        return False
-    if "edgellm_grid" in quant:
-        return quant["edgellm_grid"] in (weights, {"q4_0": "nbits4-g32-sym"}.get(weights))
-    _, bits, _, _ = GPTQ_BLOCKS[weights]
-    return (weights != "q5_0" and int(quant["bits"]) == bits and int(quant["group_size"]) == 32
-            and bool(quant.get("sym")))
-
-
-def _encode_gptq(weights: str):
-    """Quantized linears as `weights` blocks from their integers; every other matrix in
-    Q8_0 (what llama.cpp gives the tied embedding when the width is not a multiple of 256)
-    and vectors in f32."""
-    _, bits, zero, top = GPTQ_BLOCKS[weights]
-
-    def encode(name: str, value):
-        if not isinstance(value, PackedLinear):
-            return _encode_float(value, gguf.GGMLQuantizationType.Q8_0)
-        if value.bits != bits or value.group != 32 or not bool((value.zero == zero).all()) \
-                or value.q.max() > top:
-            raise UserError(f"GPTQ tensor {name} is not on the {weights} grid: export it as "
-                            "f16 or another type")
-        return pack_blocks(value, weights), gguf.GGMLQuantizationType[weights.upper()]
-
-    return encode
-
-
-def pack_blocks(linear: PackedLinear, weights: str) -> np.ndarray:
-    """GGUF block bytes [rows, blocks·bytes] from integers and f16 scales. Packed here
-    because gguf.quants only quantizes floats; these integers are already chosen.
-      Q4_0: f16 d, 16 bytes: q[j] in the low, q[j+16] in the high nibble
-      Q5_0: f16 d, 32-bit qh holding bit 4 of q[j] at bit j, then the low nibbles as Q4_0
-      Q8_0: f16 d, 32 int8 (q − 128)"""
-    rows, cols = linear.q.shape
-    q = linear.q.to(torch.int64).numpy().reshape(rows, cols // 32, 32)
-    d = linear.scale.numpy().astype(np.float16).reshape(rows, cols // 32, 1).view(np.uint8)
-    if weights == "q8_0":
-        return np.concatenate([d, (q - 128).astype(np.int8).view(np.uint8)], axis=2).reshape(rows, -1)
-    low = q & 0xF
-    qs = (low[..., :16] | (low[..., 16:] << 4)).astype(np.uint8)
-    if weights == "q4_0":
-        return np.concatenate([d, qs], axis=2).reshape(rows, -1)
-    high = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
-    qh = high.sum(axis=2, dtype=np.uint32).astype("<u4")[..., None].view(np.uint8)
-    return np.concatenate([d, qh, qs], axis=2).reshape(rows, -1)
+def source_general(folder: Path) -> dict:
+    """general.* metadata the source carried (a GGUF's own, or the source's name), which
+    apps such as LM Studio and Ollama show; not the output folder's name."""
+    meta_path = Path(folder) / SOURCE_META
+    if not meta_path.is_file():
+        return {}
+    return json.loads(meta_path.read_text()).get("general") or {}
 
 
 def quantize_gguf(source: Path, out_path: Path, weights: str, threads: int = 0,

@@ -15,8 +15,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from edgellm.archs import family_of
 from edgellm.data import read_text, resolve_text, token_windows, tokenize
-from edgellm.export.gguf_arch import arch_for
+from edgellm.source_meta import bos_of_folder
 
 
 def compute_imatrix(model_dir: Path, text: str, samples: int, seqlen: int,
@@ -31,11 +32,12 @@ def compute_imatrix(model_dir: Path, text: str, samples: int, seqlen: int,
     from edgellm.models import load_folder_model
 
     config = json.loads((model_dir / "config.json").read_text())
-    name_map = gguf.get_tensor_name_map(arch_for(config).arch, config["num_hidden_layers"])
+    name_map = gguf.get_tensor_name_map(gguf_arch(config), config["num_hidden_layers"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     path = resolve_text(text)
-    ids = tokenize(tokenizer, read_text(path)[0], samples * seqlen)
-    windows = token_windows(ids, seqlen, source=str(path))
+    bos = bos_of_folder(model_dir)  # windows as the calibration's: BOS first where added
+    ids = tokenize(tokenizer, read_text(path)[0], samples * (seqlen - (bos is not None)))
+    windows = token_windows(ids, seqlen, source=str(path), bos=bos)
     model = load_folder_model(model_dir)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -62,6 +64,12 @@ def compute_imatrix(model_dir: Path, text: str, samples: int, seqlen: int,
     np.savez(tmp, **matrix)
     tmp.replace(cache)
     return matrix
+
+
+def gguf_arch(config: dict) -> gguf.MODEL_ARCH:
+    """gguf-py's architecture for the tensor name map, from the family's llama.cpp name."""
+    name = family_of(config).gguf_arch
+    return next(arch for arch, arch_name in gguf.MODEL_ARCH_NAMES.items() if arch_name == name)
 
 
 def imatrix_param(matrix: dict[str, np.ndarray]):

@@ -23,8 +23,16 @@ from edgellm.errors import UserError
 PRECISIONS = {"f32": "fp32", "f16": "fp16", "int8": "int8", "int4": "int4"}
 # int8-dynamic: the fp32 graph, then MatMulInteger by ONNX Runtime (export/onnx_dynamic.py)
 ONNX_WEIGHTS = (*PRECISIONS, "int8-dynamic")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM")
+
+
+# Full-length KV caches in every layer. The builder's default on CPU (0.18) gives sliding-
+# window layers (Gemma 3, Mistral/Phi-3 with sliding_window) a bounded cache the caller must
+# preallocate at the window's size; runtimes/ort.py, like the builder's graphs of other
+# models, grows each cache by concatenation. The window itself stays in the graph
+# (GroupQueryAttention's local_window_size): the scores are the same.
+GRAPH_OPTIONS = ("windowed_kv_cache=false",)
+# The child process: the builder's own command line, with its config adapted (builder_config)
+BUILDER_CHILD = "import sys; from edgellm.export.onnx import run_builder; run_builder(sys.argv[1:])"
 
 
 def builder_options(export) -> list[str]:
@@ -43,12 +51,12 @@ def builder_options(export) -> list[str]:
 
 
 def check_architecture(model_dir: Path) -> None:
-    import json
+    """The folder's family (edgellm/archs/) is one the builder writes, or a one-line refusal."""
+    from edgellm.archs import check_support, family_of
 
-    names = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
-    if not any(name in SUPPORTED_ARCHITECTURES for name in names):
-        raise UserError(f"architecture {names} has no ONNX exporter: supported are "
-                        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    family = family_of(json.loads((model_dir / "config.json").read_text()), str(model_dir))
+    check_support(family, "the ONNX exporter (onnxruntime-genai builder)", family.onnx,
+                  str(model_dir))
 
 
 def export_onnx(model_dir: Path, target: Path, export, work: Path) -> Path:
@@ -59,12 +67,10 @@ def export_onnx(model_dir: Path, target: Path, export, work: Path) -> Path:
         return _export_dynamic_int8(model_dir, target, export, work)
     target.mkdir(parents=True, exist_ok=True)
     log = work / f"onnx-builder-{export.weights}.log"
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir),
+    cmd = [sys.executable, "-c", BUILDER_CHILD, "-i", str(model_dir),
            "-o", str(target), "-p", PRECISIONS[export.weights], "-e", "cpu",
-           "-c", str(work / "onnx-builder-cache")]
-    options = builder_options(export)
-    if options:
-        cmd += ["--extra_options", *options]
+           "-c", str(work / "onnx-builder-cache"),
+           "--extra_options", *GRAPH_OPTIONS, *builder_options(export)]
     with open(log, "w") as handle:
         proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
@@ -78,6 +84,69 @@ def export_onnx(model_dir: Path, target: Path, export, work: Path) -> Path:
 
         share_tied_int8_embedding(target / "model.onnx")
     return target
+
+
+def builder_config(config) -> None:
+    """Restate, on the transformers config the builder reads, what onnxruntime-genai 0.18
+    expects in transformers 4's terms (the weights it loads separately are untouched).
+
+    Phi-3: the builder picks its LongRoPE graph whenever max_position_embeddings differs
+    from original_max_position_embeddings, and that graph needs LongRoPE's factors
+    (`KeyError: 'multi_cache'` without them). transformers' Phi3Config defaults the
+    original length to 4096, so a model without LongRoPE and another context length (a
+    Phi-4-mini-like model with default rope, or any model whose max was changed) was sent
+    there. Without LongRoPE the original length means nothing: it is set to the max. With
+    LongRoPE (Phi-4-mini) the graph reads the scaling type under its older key, `type`.
+
+    Gemma 3: transformers 5 keeps one rope setting per layer type (`rope_parameters` =
+    {"full_attention": {...}, "sliding_attention": {...}}) and drops the top-level
+    `rope_theta` and `rope_local_base_freq`; the builder reads `rope_parameters["rope_type"]`
+    (`KeyError: 'rope_type'`), the global theta as `rope_theta` and the local one as
+    `rope_local_base_freq`. A copy of config.json cannot restate them: transformers 5 nests
+    them again on load. The global layers' setting becomes the flat one."""
+    from edgellm.archs import rope_types
+
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict):
+        return
+    names = getattr(config, "architectures", None) or []
+    if "Phi3ForCausalLM" in names and "longrope" not in rope_types(config.to_dict()):
+        config.original_max_position_embeddings = config.max_position_embeddings
+    if "rope_type" in rope:  # LongRoPE's graph reads the older key (`KeyError: 'type'`)
+        rope.setdefault("type", rope["rope_type"])
+    if isinstance(rope.get("full_attention"), dict):
+        local = rope.get("sliding_attention") or rope["full_attention"]
+        config.rope_theta = rope["full_attention"].get("rope_theta", 10000.0)
+        config.rope_local_base_freq = local.get("rope_theta", config.rope_theta)
+        config.rope_parameters = dict(rope["full_attention"])
+
+
+def run_builder(argv: list[str]) -> None:
+    """The builder's command line (`python -m onnxruntime_genai.models.builder ARGV`), run in
+    this (child) process with builder_config applied to the config it loads."""
+    from onnxruntime_genai.models import builder
+
+    if not hasattr(builder, "get_hf_details"):  # another builder version: adapt builder_config
+        raise SystemExit("onnxruntime_genai.models.builder has no get_hf_details: this "
+                         "onnxruntime-genai version is not the one edgellm was tested with")
+    load = builder.get_hf_details
+
+    def adapted(*args, **kwargs):
+        details = load(*args, **kwargs)
+        builder_config(details["hf_config"])
+        return details
+
+    builder.get_hf_details = adapted
+    sys.argv = ["onnxruntime_genai.models.builder", *argv]
+    args = builder.get_args()
+    extra_options = builder.parse_extra_options(
+        args.model_name, args.input, args.output, args.precision, args.execution_provider,
+        args.cache_dir, args.extra_options, builder_config_version=args.builder_config_version,
+        target_options=args.target_options, drafter_options=args.drafter_options,
+        speculative_options=args.speculative_options, runtime_config=args.runtime_config,
+        search=args.search)
+    builder.create_model(args.model_name, args.input, args.output, args.precision,
+                         args.execution_provider, args.cache_dir, **extra_options)
 
 
 def _export_dynamic_int8(model_dir: Path, target: Path, export, work: Path) -> Path:

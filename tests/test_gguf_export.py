@@ -6,19 +6,13 @@ import pytest
 import torch
 
 from edgellm.export.gguf import export_gguf, write_float_gguf
-from edgellm.export.gguf_arch import llama_rope_permute
 from edgellm.runtimes import open_runtime, window_nll
-
-
-def test_rope_permute_interleaves_halves_per_head():
-    rows = np.arange(8, dtype=np.float32)[:, None]  # 2 heads of 4 rows: halves [0,1|2,3]
-    assert llama_rope_permute(rows, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
 def test_f32_gguf_round_trips_through_transformers(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    write_float_gguf(tiny_llama, tmp_path / "tiny-f32.gguf", "f32")
+    write_float_gguf(tiny_llama, tmp_path / "tiny-f32.gguf", "f32", tmp_path / "work")
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny-f32.gguf")
     original = AutoModelForCausalLM.from_pretrained(tiny_llama)
     for name, tensor in original.state_dict().items():
@@ -29,7 +23,7 @@ def test_gguf_metadata_carries_tokenizer_and_hparams(tiny_llama, tmp_path):
     import gguf
 
     path = tmp_path / "tiny-f16.gguf"
-    write_float_gguf(tiny_llama, path, "f16")
+    write_float_gguf(tiny_llama, path, "f16", tmp_path / "work")
     fields = gguf.GGUFReader(path).fields
     assert fields["general.architecture"].contents() == "llama"
     assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"

@@ -1,0 +1,147 @@
+"""Architecture families: one description per family, read by every stage.
+
+A family file (llama.py, qwen2.py, ...) declares one `Family`: the Hugging Face classes it
+covers, the llama.cpp architecture its GGUF carries, the rope scaling types its exporters
+handle, which norm or linear feeds which linears (SmoothQuant's migrations), the config
+lists indexed by layer (depth pruning slices them), and what the ONNX builder, mlx-lm and
+width pruning support. Compression and export ask `family_of(config)` instead of naming
+modules themselves; an unknown architecture is refused there, in one line.
+
+Adding a family: a new file here defining `FAMILY`, plus its module name in FAMILY_MODULES.
+See docs/design.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgellm.errors import UserError
+
+# one line per family: module under edgellm.archs
+FAMILY_MODULES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "smollm3")
+EXTEND = "edgellm/archs/ (a new family file plus a line in edgellm/archs/__init__.py)"
+
+
+@dataclass(frozen=True)
+class Smooth:
+    """One SmoothQuant migration inside a decoder layer: the producer's output channels are
+    divided by a per-channel scale, the consumers' input columns multiplied by it.
+    `heads`: the producer is v_proj feeding o_proj (one v channel per query head of its
+    KV group)."""
+
+    producer: str  # module path inside the layer: a norm or a linear
+    consumers: tuple[str, ...]
+    heads: bool = False
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architectures: tuple[str, ...]  # Hugging Face `architectures` class names
+    gguf_arch: str  # llama.cpp architecture (general.architecture) of its GGUF
+    smooth: tuple[Smooth, ...]
+    rope_types: tuple[str, ...] = ("default",)  # rope_type values the exporters handle
+    norm_offset: float = 0.0  # norms that compute x̂·(offset + w) (Gemma: 1)
+    layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer
+    onnx: bool = True  # the onnxruntime-genai builder writes it
+    mlx: bool = True  # mlx-lm loads it
+    width: bool = True  # separate q/k/v and gate/up projections: width pruning can slice them
+    # GGUF fields llama.cpp reads that its converter does not write: config → {key: field}
+    gguf_extra: Callable[[dict], dict] | None = None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+LLAMA_SMOOTH = (
+    Smooth("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    Smooth("self_attn.v_proj", ("self_attn.o_proj",), heads=True),
+    Smooth("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    Smooth("mlp.up_proj", ("mlp.down_proj",)),
+)
+
+
+def families() -> dict[str, Family]:
+    """Every known family by name, in FAMILY_MODULES order."""
+    found = {}
+    for module in FAMILY_MODULES:
+        family = importlib.import_module(f"edgellm.archs.{module}").FAMILY
+        found[family.name] = family
+    return found
+
+
+def supported_architectures() -> list[str]:
+    return [a for family in families().values() for a in family.architectures]
+
+
+def family_of(config: dict, model: str = "model") -> Family:
+    """The family of an HF config (a dict of config.json), or a one-line refusal naming
+    the supported list and where to extend it."""
+    names = config.get("architectures") or []
+    for family in families().values():
+        if any(name in family.architectures for name in names):
+            return family
+    shown = names or config.get("model_type") or "with no architectures entry"
+    raise UserError(f"model {model}: architecture {shown} is not supported (supported: "
+                    f"{', '.join(supported_architectures())}): add it in {EXTEND}")
+
+
+def family_of_folder(folder: Path) -> Family:
+    return family_of(json.loads((Path(folder) / "config.json").read_text()), str(folder))
+
+
+def rope_types(config: dict) -> set[str]:
+    """Every rope_type a config uses: transformers 5's `rope_parameters` (per layer type
+    for Gemma 3), or the older `rope_scaling`."""
+    rope = config.get("rope_parameters") or {}
+    parts = [v for v in rope.values() if isinstance(v, dict)] or [rope]
+    scaling = config.get("rope_scaling") or {}
+    if scaling:
+        parts.append(scaling)
+    return {part.get("rope_type") or part.get("type") or "default" for part in parts}
+
+
+def check_rope(config: dict, model: str = "model") -> None:
+    """Refuse a rope scaling type the family's exporters do not handle."""
+    family = family_of(config, model)
+    unknown = rope_types(config) - set(family.rope_types)
+    if unknown:
+        raise UserError(f"model {model}: rope type {', '.join(sorted(unknown))} is not handled for "
+                        f"{family.name} (handled: {', '.join(family.rope_types)}): add it to "
+                        f"edgellm/archs/{family.name}.py once its exporters are tested with it")
+
+
+def check_support(family: Family, what: str, supported: bool, model: str = "model") -> None:
+    if not supported:
+        raise UserError(f"model {model} ({family.name}): {what} does not support this "
+                        f"architecture: see edgellm/archs/{family.name}.py")
+
+
+def family_of_gguf(arch: str, model: str = "model") -> Family:
+    """The family a GGUF's general.architecture belongs to (Mistral's GGUFs say "llama")."""
+    for family in families().values():
+        if family.gguf_arch == arch:
+            return family
+    known = ", ".join(sorted({f.gguf_arch for f in families().values()}))
+    raise UserError(f"model {model}: GGUF architecture '{arch}' is not supported (supported: "
+                    f"{known}): add it in {EXTEND}")
+
+
+# what a variant needs of its family: export format → Family field, step method → field
+FORMAT_NEEDS = {"onnx": ("the ONNX exporter (onnxruntime-genai builder)", "onnx"),
+                "ort": ("the ONNX exporter (onnxruntime-genai builder)", "onnx"),
+                "mlx": ("the MLX exporter (mlx-lm)", "mlx")}
+STEP_NEEDS = {"width": ("width pruning", "width"), "smoothquant": ("smoothquant", "smooth")}
+
+
+def check_variant(family: Family, fmt: str, methods: list[str], model: str = "model") -> None:
+    """Refuse, before any work, a variant whose export or steps cannot handle the family."""
+    for what, attr in [FORMAT_NEEDS[fmt]] if fmt in FORMAT_NEEDS else []:
+        check_support(family, what, bool(getattr(family, attr)), model)
+    for method in methods:
+        if method in STEP_NEEDS:
+            what, attr = STEP_NEEDS[method]
+            check_support(family, what, bool(getattr(family, attr)), model)
