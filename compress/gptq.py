@@ -117,7 +117,8 @@ def quantize_layer(layer: torch.nn.Module, inputs, grid: Grid, options: Options,
             for key, tensor in to_checkpoint(packed).items():
                 stored[f"{name}.{key}"] = tensor
     for name, tensor in layer.state_dict().items():
-        if name.rsplit(".", 1)[0] not in linears:
+        module, _, part = name.rpartition(".")
+        if module not in linears or part == "bias":  # biases stay float beside the integers
             stored[name] = tensor
     return stored
 

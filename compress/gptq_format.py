@@ -132,7 +132,8 @@ def dequantized_state(folder: Path) -> dict[str, torch.Tensor]:
         state[f"{prefix}.weight"] = linear.dequantize()
     quantized = {name.rsplit(".", 1)[0] for name in tensors if name.endswith(".qweight")}
     for name, tensor in tensors.items():
-        if name.rsplit(".", 1)[0] not in quantized:
+        prefix, _, part = name.rpartition(".")
+        if prefix not in quantized or part == "bias":  # a quantized linear keeps its bias (Qwen2)
             state[name] = tensor.float() if tensor.is_floating_point() else tensor
     return state
 
@@ -145,11 +146,13 @@ def load_dequantized(folder: Path, dtype=torch.float32):
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with torch.device("meta"):
+    from accelerate import init_empty_weights
+
+    # parameters on meta, buffers real (Gemma 3's embedding scale is a non-persistent buffer)
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.to_empty(device="cpu")
     state = dequantized_state(folder)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         name = (missing or unexpected)[0]

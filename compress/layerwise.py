@@ -76,7 +76,8 @@ def copy_side_files(source: Path, dest: Path, overwrite: bool = True) -> None:
 
 
 def load_skeleton(model_dir: Path):
-    """The model with every parameter on `meta`: structure without memory."""
+    """The model with every parameter on `meta`: structure without memory. Buffers are
+    real (Gemma 3's embedding scale is a non-persistent buffer no file holds)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from edgellm.archs import family_of_folder, supported_architectures
@@ -85,7 +86,9 @@ def load_skeleton(model_dir: Path):
     family_of_folder(model_dir)
     quiet_transformers()
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    with torch.device("meta"):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
@@ -96,10 +99,10 @@ def load_skeleton(model_dir: Path):
 
 
 def materialize(module: torch.nn.Module, store: TensorStore, prefix: str) -> None:
-    """Give a meta module real weights read from the store (names under `prefix`)."""
-    module.to_empty(device="cpu")
+    """Give a meta module real weights read from the store (names under `prefix`); its
+    non-persistent buffers keep the values the skeleton computed."""
     state = {name: store.get(prefix + name) for name in module.state_dict()}
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=True)
 
 
 class LayerInputs:

@@ -1,4 +1,4 @@
-"""The report of one run: report.json (the contract in DESIGN.md), report.md, report.html.
+"""The report of one run: report.json (the contract in docs/design.md and README), report.md, report.html.
 
 Every number comes from a measurement or from the artifact on disk; nothing is assumed.
 """

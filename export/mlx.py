@@ -31,6 +31,8 @@ def export_mlx(model_dir: Path, target: Path, weights: str, work: Path,
                         "Linux, mlx on macOS)") from None
     if weights not in MLX_WEIGHTS:
         raise UserError(f"MLX weights '{weights}' unknown: use one of {', '.join(MLX_WEIGHTS)}")
+    source = json.loads((Path(model_dir) / "config.json").read_text())
+    check_mlx_support(source, str(model_dir))
     log = io.StringIO()  # mlx-lm prints its progress; keep it for the work log
     kwargs = {"dtype": "float16"}
     if weights in BITS:
@@ -43,12 +45,43 @@ def export_mlx(model_dir: Path, target: Path, weights: str, work: Path,
     return target
 
 
+def check_mlx_support(config: dict, model: str = "model") -> None:
+    """The family (edgellm/archs/) is one mlx-lm loads, and its layout is one mlx-lm's
+    model can express; a one-line refusal otherwise."""
+    from edgellm.archs import check_support, family_of
+
+    family = family_of(config, model)
+    check_support(family, "the MLX exporter (mlx-lm)", family.mlx, model)
+    if family.name == "gemma3":
+        _sliding_window_pattern(config, model)
+
+
+def _sliding_window_pattern(config: dict, model: str = "model") -> int | None:
+    """mlx-lm's gemma3_text does not read `layer_types`: it makes layer i global when
+    i % sliding_window_pattern == pattern - 1 (default 6, Gemma 3's own). A model with
+    another layout (a tiny one, a depth-pruned one) ran with its global layers in the wrong
+    places, or failed with an IndexError (under 6 layers): the pattern is derived from
+    layer_types, or the model refused when its layer_types follow no such pattern."""
+    kinds = config.get("layer_types")
+    if not kinds:
+        return None
+    is_global = [kind == "full_attention" for kind in kinds]
+    if True in is_global:
+        every = is_global.index(True) + 1
+        if is_global == [i % every == every - 1 for i in range(len(kinds))]:
+            return every
+    raise UserError(f"model {model}: mlx-lm's Gemma 3 runs one global layer every N layers; "
+                    f"this model's layer_types ({', '.join(kinds)}) follow no such pattern")
+
+
 def _record(target: Path, weights: str, group_size: int) -> None:
     """Note in config.json what edgellm asked for, beside mlx-lm's own `quantization`, and
-    restate the rope settings the way mlx-lm reads them."""
+    restate the rope settings and the layer layout the way mlx-lm reads them."""
     path = target / "config.json"
     config = json.loads(path.read_text())
     _legacy_rope_keys(config)
+    if config.get("model_type") == "gemma3_text" and config.get("layer_types"):
+        config["sliding_window_pattern"] = _sliding_window_pattern(config, str(target))
     config["edgellm_export"] = {"format": "mlx", "weights": weights,
                                 "group_size": group_size if weights in BITS else None}
     path.write_text(json.dumps(config, indent=2) + "\n")
@@ -57,12 +90,22 @@ def _record(target: Path, weights: str, group_size: int) -> None:
 def _legacy_rope_keys(config: dict) -> None:
     """transformers 5 writes rope settings as `rope_parameters`; mlx-lm 0.32 reads only the
     older top-level `rope_theta` and `rope_scaling`, and silently uses theta 10,000
-    without them (SmolLM2's is 100,000: +11.7% perplexity, caught by the e2e test)."""
+    without them (SmolLM2's is 100,000: +11.7% perplexity, caught by the e2e test).
+    Gemma 3's settings are per layer type: the global layers' become rope_theta and
+    rope_scaling (linear ×8 on Gemma 3 4B and up), the sliding layers' theta
+    rope_local_base_freq."""
     rope = config.get("rope_parameters")
     if not isinstance(rope, dict):
         return
-    if "rope_theta" in rope:
-        config.setdefault("rope_theta", rope["rope_theta"])
-    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if isinstance(rope.get("full_attention"), dict):  # Gemma 3: one setting per layer type
+        local = rope.get("sliding_attention") or {}
+        if "rope_theta" in local:  # mlx-lm: rope_local_base_freq for the sliding layers
+            config.setdefault("rope_local_base_freq", local["rope_theta"])
+        rope = rope["full_attention"]  # the global layers: rope_theta and rope_scaling
+    for key in ("rope_theta", "partial_rotary_factor"):  # the latter: Phi-4-mini
+        if key in rope:
+            config.setdefault(key, rope[key])
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
     if scaling.get("rope_type", "default") != "default":
-        config.setdefault("rope_scaling", scaling)
+        # phi3 (LongRoPE) reads the scaling type only under its older key, `type`
+        config.setdefault("rope_scaling", {"type": scaling["rope_type"], **scaling})

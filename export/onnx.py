@@ -5,7 +5,8 @@ mobile (GroupQueryAttention with a KV cache, MatMulNBits for 4/8-bit weights) pl
 genai_config.json that onnxruntime-genai loads on Android/iOS; its fp32 export scores
 the same ids as torch to within 1e-5 relative here. It runs as a child process so its
 torch/ONNX memory and its console output stay out of ours (the log is kept beside the
-intermediates).
+intermediates); the child (run_builder) is the builder's own command line, with the config
+it reads restated in the terms it expects (builder_config: Phi-3, Gemma 3).
 """
 
 from __future__ import annotations
@@ -50,19 +51,42 @@ def builder_options(export) -> list[str]:
     return options
 
 
-def check_architecture(model_dir: Path) -> None:
-    """The folder's family (edgellm/archs/) is one the builder writes, or a one-line refusal."""
+def check_architecture(model_dir: Path, weights: str = "f32") -> None:
+    """The folder's family (edgellm/archs/) is one the builder writes, and its rotary size
+    one ONNX Runtime runs, or a one-line refusal."""
     from edgellm.archs import check_support, family_of
 
-    family = family_of(json.loads((model_dir / "config.json").read_text()), str(model_dir))
+    config = json.loads((model_dir / "config.json").read_text())
+    family = family_of(config, str(model_dir))
     check_support(family, "the ONNX exporter (onnxruntime-genai builder)", family.onnx,
                   str(model_dir))
+    if weights != "f16":
+        check_rotary(config, str(model_dir))
+
+
+def check_rotary(config: dict, model: str = "model") -> None:
+    """The builder's fp32-activation CPU graphs (f32, int8, int4) rotate q and k inside
+    GroupQueryAttention, whose CPU kernel takes a cos/sin cache of rotary_dim / 2 columns
+    only when that is a multiple of 8 ("cos_cache dimension 1 must be <= head_size / 2 and
+    a multiple of 8"): the export succeeds, every run fails. Real models fit (Phi-4-mini:
+    0.75 × 128 = 96); a partial rotary of another size is refused here, in one line."""
+    heads = config.get("num_attention_heads")
+    if not heads or not config.get("hidden_size"):
+        return
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope = config.get("rope_parameters") or {}
+    factor = config.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
+    rotary = int(head_dim * factor)
+    if (rotary // 2) % 8:
+        raise UserError(f"model {model}: rotates {rotary} of its {head_dim} head dimensions; "
+                        "ONNX Runtime's GroupQueryAttention (f32/int8/int4 on CPU) needs a "
+                        "multiple of 16: export f16, or another format")
 
 
 def export_onnx(model_dir: Path, target: Path, export, work: Path) -> Path:
     """Write the ONNX folder `target` (model.onnx, model.onnx.data, genai_config.json,
     tokenizer files). `target` lies inside a staging folder, so a failure leaves nothing."""
-    check_architecture(model_dir)
+    check_architecture(model_dir, export.weights)
     if export.weights == "int8-dynamic":
         return _export_dynamic_int8(model_dir, target, export, work)
     target.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,9 @@ def build_family(name: str, folder: Path, seed: int = 0) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer(folder)
+    if name == "phi3":  # llama.cpp looks up <unk> in any model whose name says Phi-3
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<unk>"]})
+        tokenizer.save_pretrained(folder)
     config = _configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)[name]()
     if name == "gemma3":
         config.architectures = ["Gemma3ForCausalLM"]
