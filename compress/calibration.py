@@ -18,7 +18,6 @@ def calibration_ids(model_dir: Path, text: str, samples: int, seqlen: int) -> to
     from transformers import AutoTokenizer
 
     from edgellm.models import quiet_transformers
-
     from edgellm.source_meta import bos_of_folder
 
     quiet_transformers()

@@ -42,11 +42,10 @@ class Options(BaseModel):
 
 
 def apply(source: Path, dest: Path, options: Options, context) -> None:
+    from edgellm.archs import check_support, family_of
     from edgellm.compress.calibration import calibration_ids
     from edgellm.compress.layerwise import copy_side_files
     from edgellm.models import load_folder_model
-
-    from edgellm.archs import check_support, family_of
 
     config = json.loads((Path(source) / "config.json").read_text())
     family = family_of(config, str(source))

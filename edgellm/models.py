@@ -20,6 +20,7 @@ from edgellm.builtin_models import BUILTIN_MODELS, builtin_gguf_path
 from edgellm.errors import UserError
 from edgellm.gguf_bounds import check_gguf_layout
 
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model comes from: `kind` is 'hf' (folder or hub id) or 'gguf'."""

@@ -45,8 +45,8 @@ from edgellm.models import (
 )
 from edgellm.recipe import REFERENCE, ExportSpec, Recipe, VariantSpec
 from edgellm.report import VariantResult, build_report, model_stats, write_reports
-from edgellm.source_meta import source_bos
 from edgellm.resources import Need, check_room, count_parameters, export_need, load_need
+from edgellm.source_meta import source_bos
 from edgellm.tools import tool_versions
 
 WORK = "_work"

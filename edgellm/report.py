@@ -236,7 +236,8 @@ def render_markdown(report: dict) -> str:
         "",
         f"Perplexity on `{ev['text']}` (sha256 `{ev['sha256'][:16]}…`), {ev['tokens_scored']} "
         f"scored tokens in {ev['windows']} windows of {ev['ctx']}"
-        f"{bos_note(ev)}; every runtime scored the same token ids. Δppl is against the torch fp32 reference. KL is the mean KL "
+        f"{bos_note(ev)}; every runtime scored the same token ids. Δppl is against the torch "
+        "fp32 reference. KL is the mean KL "
         "divergence (nats) of each variant's next-token distribution from the reference's "
         f"(exact over the reference's top {TOP_K} tokens, the rest estimated from "
         f"{TAIL_SAMPLES} sampled tokens per position); KL p99 its 99th percentile over "

@@ -16,6 +16,8 @@ from pathlib import Path
 from edgellm.archs import check_rope, family_of
 from edgellm.artifacts import atomic_path
 from edgellm.errors import UserError
+from edgellm.source_meta import GGUF_VOCAB as VOCAB
+from edgellm.source_meta import SOURCE_META
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 # llama.cpp's quantizer file types, by the names llama-quantize uses.
@@ -32,8 +34,6 @@ QUANT_TYPES = {
     "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
 }
 GGUF_WEIGHTS = FLOAT_TYPES + tuple(QUANT_TYPES)
-from edgellm.source_meta import GGUF_VOCAB as VOCAB
-from edgellm.source_meta import SOURCE_META
 
 
 def check_exportable(folder: Path) -> None:
@@ -85,11 +85,11 @@ def write_float_gguf(folder: Path, out_path: Path, weights: str, work: Path) -> 
 
 def dequantized_folder(folder: Path, work: Path) -> Path:
     """The float weights a GPTQ checkpoint computes with, saved once as an HF folder."""
+    import shutil
+
     from edgellm.artifacts import sha256_files
     from edgellm.compress.gptq_format import load_dequantized
     from edgellm.compress.layerwise import copy_side_files
-
-    import shutil
 
     key = sha256_files(sorted(folder.glob("*.safetensors")))[:12]
     dest = work / f"dequantized-{key}"

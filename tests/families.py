@@ -49,9 +49,8 @@ def build_family(name: str, folder: Path, seed: int = 0) -> Path:
     import json
 
     import torch
-    from transformers import AutoModelForCausalLM
-
     from conftest import build_tiny_tokenizer
+    from transformers import AutoModelForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer(folder)

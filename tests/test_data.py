@@ -37,3 +37,12 @@ def test_bad_texts_are_refused(tmp_path, content, message):
 def test_missing_text_names_the_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         resolve_text(str(tmp_path / "nope.txt"))
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_one():
+    ids = np.arange(10, 30, dtype=np.int32)
+    windows = token_windows(ids, 5, bos=2)
+    assert len(windows) == 5 and all(len(w) == 5 and w[0] == 2 for w in windows)
+    # every text token is a target exactly once, in order: BOS only ever conditions
+    assert np.concatenate([w[1:] for w in windows]).tolist() == ids.tolist()
+    assert [w.tolist() for w in token_windows(ids, 5)] == [ids[i:i + 5].tolist() for i in range(0, 20, 5)]

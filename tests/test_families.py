@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli, shared_text
 from families import FAMILIES, build_family
 
