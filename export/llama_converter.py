@@ -16,6 +16,7 @@ first on the path, so its gguf and ours never meet in one interpreter.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -116,7 +117,12 @@ def convert(folder: Path, out_path: Path, outtype: str, work: Path, vocab: dict 
     if proc.returncode in (130, -2):
         raise KeyboardInterrupt
     if proc.returncode != 0:
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        from edgellm.errors import no_room_reason
+
+        text = log.read_text(errors="replace")
+        if no_room_reason(OSError(text)):  # the child ran out of disk: the caller's one line
+            raise OSError(errno.ENOSPC, f"no space left writing {out_path}")
+        lines = [line for line in text.splitlines() if line.strip()]
         raise UserError(f"llama.cpp's converter could not convert {folder} "
                         f"({(lines or ['no output'])[-1][:240]}): see {log}")
 

@@ -45,7 +45,9 @@ def make_inputs(tmp_path, tiny_llama):
     (garbage_header / "model.safetensors").write_bytes(b"\xff" * 64)
     wrong_arch = copy_model(tiny_llama, tmp_path / "wrong-arch-model")
     config = json.loads((wrong_arch / "config.json").read_text())
-    config.update(model_type="bert", architectures=["BertForMaskedLM"])
+    # a supported family whose tensors the llama weights do not have (q_norm, k_norm);
+    # an unsupported one is refused earlier, by tests/test_families.py's case
+    config.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"])
     (wrong_arch / "config.json").write_text(json.dumps(config))
     return {
         "empty gguf": (recipe_with(tmp_path, tmp_path / "empty.gguf"), "not a GGUF file"),

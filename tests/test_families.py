@@ -23,24 +23,23 @@ def family_models(tmp_path_factory):
     return {name: build_family(name, root / name) for name in FAMILIES}
 
 
-def torch_reference(folder):
+def scores(fmt: str, path):
+    """(NLL of WINDOW, 8 greedy tokens after its first 16) in the format's runtime."""
     from edgellm.runtimes import open_runtime, window_nll
 
-    runtime = open_runtime("torch", str(folder), 1, 64)
+    runtime = open_runtime(fmt, str(path), 1, 64)
     nll, _ = window_nll(runtime, WINDOW)
     tokens = runtime.generate(WINDOW[:16], 8).tokens
     runtime.close()
     return nll, tokens
+
+
+def torch_reference(folder):
+    return scores("torch", folder)
 
 
 def llamacpp_scores(path):
-    from edgellm.runtimes import open_runtime, window_nll
-
-    runtime = open_runtime("gguf", str(path), 1, 64)
-    nll, _ = window_nll(runtime, WINDOW)
-    tokens = runtime.generate(WINDOW[:16], 8).tokens
-    runtime.close()
-    return nll, tokens
+    return scores("gguf", path)
 
 
 def calibration():
