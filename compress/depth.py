@@ -116,14 +116,15 @@ def choose(angular: list[torch.Tensor], influence: torch.Tensor, count: int,
 
 
 def remove_layers(model, kept: list[int]) -> None:
-    """Keep only the `kept` decoder layers, renumbered; the config follows."""
+    """Keep only the `kept` decoder layers, renumbered; the config follows (with every list
+    the family's description says holds one entry per layer)."""
+    from edgellm.archs import family_of
+
     inner = model.model
     inner.layers = torch.nn.ModuleList(inner.layers[i] for i in kept)
     for index, layer in enumerate(inner.layers):
         if hasattr(layer.self_attn, "layer_idx"):
             layer.self_attn.layer_idx = index
-    from edgellm.archs import family_of
-
     config = model.config
     config.num_hidden_layers = len(kept)
     for key in family_of(config.to_dict()).layer_lists:  # one entry per layer: keep the kept

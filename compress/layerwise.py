@@ -78,6 +78,7 @@ def copy_side_files(source: Path, dest: Path, overwrite: bool = True) -> None:
 def load_skeleton(model_dir: Path):
     """The model with every parameter on `meta`: structure without memory. Buffers are
     real (Gemma 3's embedding scale is a non-persistent buffer no file holds)."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from edgellm.archs import family_of_folder, supported_architectures
@@ -86,8 +87,6 @@ def load_skeleton(model_dir: Path):
     family_of_folder(model_dir)
     quiet_transformers()
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    from accelerate import init_empty_weights
-
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     inner = getattr(model, "model", None)

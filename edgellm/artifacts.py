@@ -132,12 +132,17 @@ def trusted(folder: Path, key: str) -> bool:
 def clear_leftovers(out: Path) -> list[Path]:
     """Remove what killed runs left under `out`: staging folders (`.<name>.partial`) and
     temporary files (`.<name>.tmp-<pid>`). Call it only while holding the folder's lock,
-    when no other run can be writing them. Returns what it removed."""
+    when no other run can be writing them. A leftover that is a symlink is unlinked, never
+    followed (its target stays as it is). Returns what it removed."""
     removed = []
     for path in sorted(Path(out).rglob(".*"), key=lambda p: len(p.parts)):
-        if not (path.name.endswith(".partial") or ".tmp-" in path.name) or not path.exists():
+        if not (path.name.endswith(".partial") or ".tmp-" in path.name):
             continue
-        if path.is_dir():
+        if path.is_symlink():
+            path.unlink()
+        elif not path.exists():  # inside a folder removed just before
+            continue
+        elif path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
@@ -159,18 +164,22 @@ _held_locks: dict[Path, object] = {}  # output folders this process holds, kept 
 def lock_out_dir(out: Path) -> None:
     """Hold an exclusive lock on an output folder for the rest of this process, so two runs
     never interleave writes in it; a second process is refused at once with the holder's
-    pid. The lock is the OS's (flock): it goes away with the process, even on SIGKILL."""
+    pid. The lock is the OS's (flock): it goes away with the process, even on SIGKILL, so a
+    lock file a dead run left behind is simply taken over. The lock file is opened without
+    following a symlink; one that is a symlink, a folder or any other non-regular file (or
+    a hard link to another file) is refused, never followed or overwritten."""
     import fcntl
 
     key = Path(out).resolve()
     if key in _held_locks:
         return
-    handle = open(key / LOCK, "a+")  # noqa: SIM115 (held open until the process exits)
+    fd = _open_lock_file(Path(out), key / LOCK)
+    handle = os.fdopen(fd, "r+")  # noqa: SIM115 (held open until the process exits)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "unknown"
+        holder = handle.read(64).strip() or "unknown"
         handle.close()
         from edgellm.errors import UserError
 
@@ -181,3 +190,56 @@ def lock_out_dir(out: Path) -> None:
     handle.write(str(os.getpid()))
     handle.flush()
     _held_locks[key] = handle
+
+
+def _open_lock_file(out: Path, path: Path) -> int:
+    """A read-write descriptor of the regular file `path`, created when missing. O_NOFOLLOW
+    refuses a symlink (even a dangling one, which O_CREAT alone would follow and create),
+    O_NONBLOCK keeps a FIFO or device from blocking the open; what opened is then checked
+    with fstat, so nothing but a plain file of its own is ever written."""
+    import errno
+    import stat
+
+    from edgellm.errors import UserError
+
+    shown = out / LOCK
+
+    def refuse(what: str) -> UserError:
+        return UserError(f"lock file {shown} is {what}; edgellm locks only a regular file "
+                         "of its own, never following or overwriting anything else: remove "
+                         "it or choose another --out")
+
+    try:
+        before = os.lstat(path)
+    except FileNotFoundError:
+        before = None
+    if before is not None and not stat.S_ISREG(before.st_mode):  # never open a device
+        raise refuse(_file_kind(before.st_mode))
+    flags = (os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+             | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK):  # a symlink swapped in since lstat
+            raise refuse("a symlink") from None
+        if exc.errno == errno.EISDIR:
+            raise refuse("a folder") from None
+        raise UserError(f"cannot open lock file {shown} ({exc.strerror}): "
+                        "choose a writable --out") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        raise refuse(_file_kind(info.st_mode) if not stat.S_ISREG(info.st_mode)
+                     else "a hard link to another file")
+    return fd
+
+
+def _file_kind(mode: int) -> str:
+    import stat
+
+    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -227,27 +229,92 @@ def gate(
 
 
 def main() -> None:
-    """Console entry: bad input is one line on stderr and exit 2; Ctrl-C exits 130."""
+    """Console entry: bad input is one line on stderr and exit 2; Ctrl-C exits 130, SIGTERM
+    143 and SIGHUP 129, all three by the same path (staging removed, children ended)."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader has its own bar
+    previous = _catch_stop_signals()
     try:
+        _refuse_empty_out(sys.argv[1:])
         code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C inside a command into exit code 130, silently
+            _fail_interrupted()
     except UserError as exc:
         _fail(str(exc), exc.exit_code)
     except (KeyboardInterrupt, Abort):
-        _fail("interrupted", 130)
+        _fail_interrupted()
     except Exit as exc:
         code = exc.exit_code
+        if code == 130:
+            _fail_interrupted()
     except TyperException as exc:  # usage errors: bad option, missing argument
         context = getattr(exc, "ctx", None)
         command = context.command_path if context else "edgellm"
         _fail(f"{exc.format_message()} (see `{command} --help`)", 2)
-    if code == 130:  # typer turns Ctrl-C inside a command into exit code 130, silently
-        _fail("interrupted", 130)
+    finally:  # as they were (main() also runs inside tests' processes)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _received.clear()
     sys.exit(code if isinstance(code, int) else 0)
 
 
+# SIGTERM and SIGHUP end a run as Ctrl-C does: they raise KeyboardInterrupt where the run
+# is, so staging folders are removed and measuring children killed on the way out
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_received: list[int] = []  # the stop signals that arrived, first first
+
+
+def _raise_interrupt(signum, frame) -> None:
+    _received.append(signum)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _catch_stop_signals() -> dict:
+    """Install the handler for SIGTERM and SIGHUP where they are left at their default (an
+    ignored one stays ignored: nohup); returns the handlers to put back."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, *_STOP_SIGNALS)}
+    if threading.current_thread() is threading.main_thread():
+        for signum in _STOP_SIGNALS:
+            if previous[signum] == signal.SIG_DFL:
+                signal.signal(signum, _raise_interrupt)
+    else:
+        previous = {}
+    return previous
+
+
+def _fail_interrupted() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, *_STOP_SIGNALS):  # the run is over: no 2nd traceback
+            signal.signal(signum, signal.SIG_IGN)  # (main() puts the handlers back)
+    if _received:
+        _fail(f"terminated by {signal.Signals(_received[0]).name}", 128 + _received[0])
+    _fail("interrupted", 130)
+
+
+OUT_COMMANDS = ("demo", "run", "export", "compress")
+
+
+def _refuse_empty_out(args: list[str]) -> None:
+    """`--out ''` would become Path('.') and write into the current folder: refused here,
+    where the empty text is still seen, before any work."""
+    if not args or args[0] not in OUT_COMMANDS:
+        return
+    rest = iter(args[1:])
+    for arg in rest:
+        if arg == "--":
+            return
+        value = next(rest, None) if arg in ("--out", "-o") else \
+            arg.removeprefix("--out=") if arg.startswith("--out=") else None
+        if value is not None and not value.strip():
+            raise UserError("--out is empty: pass a folder path (--out . for the current "
+                            "folder)")
+
+
 def _fail(message: str, code: int) -> None:
-    sys.stderr.write("error: " + " ".join(message.split()) + "\n")
+    try:  # after SIGHUP the terminal may be gone
+        sys.stderr.write("error: " + " ".join(message.split()) + "\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
     sys.exit(code)
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import resource
+import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -160,8 +161,23 @@ def _run_phase(spec: MeasureSpec, phase: str, work: Path) -> dict:
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "edgellm.runtimes.measure", phase, str(spec_path),
            str(result_path)]
+    # its own process group (and session), ended with everything it started when this
+    # process is interrupted (Ctrl-C, or SIGTERM/SIGHUP, which the CLI turns into the same)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+        _, stderr = proc.communicate()
+    except BaseException:
+        # the whole group at once, SIGKILL: the child's work is thrown away (its temporary
+        # result file is removed below); the group's id cannot be reused while the leader is
+        # unreaped or any member lives, so this never reaches an unrelated process
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        proc.stderr.close()
+        result_path.with_name(f".{result_path.name}.tmp-{proc.pid}").unlink(missing_ok=True)
+        raise
     finally:
         spec_path.unlink(missing_ok=True)
     if proc.returncode in (130, -2):
@@ -169,11 +185,11 @@ def _run_phase(spec: MeasureSpec, phase: str, work: Path) -> dict:
     if proc.returncode != 0 or not result_path.is_file():
         fallback = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
                     else f"exit code {proc.returncode}, no message")
-        lines = (proc.stderr or "").strip().splitlines() or [fallback]
+        lines = (stderr or "").strip().splitlines() or [fallback]
         if proc.returncode == 2 and lines[-1].startswith(USER_ERROR_PREFIX):
             raise UserError(lines[-1].removeprefix(USER_ERROR_PREFIX))
         raise MeasureError(f"{phase} of {spec.artifact} failed in the {spec.fmt} runtime: "
-                           f"{lines[-1]}", proc.stderr)
+                           f"{lines[-1]}", stderr)
     result = json.loads(result_path.read_text())
     result_path.unlink()
     return result

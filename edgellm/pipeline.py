@@ -79,14 +79,14 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     if any(v.export.imatrix or v.compress for v in recipe.variant):
         read_text(resolve_text(recipe.calibration.text))
     check_steps(recipe)
-    check_out_dir(out)
+    check_out_dir(out, source)
     with console.status("reading tokenizer"):
         tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
         ids = tokenize(tokenizer, text, recipe.eval.max_tokens)
         bos = source_bos(source, tokenizer)
     token_windows(ids, recipe.eval.ctx, source=str(text_path), bos=bos)
     check_room(recipe_needs(recipe, source, out), out, force)
-    prepare_out_dir(out)  # only now, so bad input leaves nothing behind
+    prepare_out_dir(out, source)  # only now, so bad input leaves nothing behind
     reference_key = build_reference(source, recipe, tokenizer, out / REFERENCE, console)
     eval_input = save_eval_ids(out, ids, text_path, text_sha, bos)
     threads = recipe.eval.threads or default_threads()
@@ -175,10 +175,20 @@ def check_source_for(source: ModelSource, fmt: str, methods: list[str]) -> None:
     check_variant(family, fmt, methods, name)
 
 
-def check_out_dir(out: Path) -> None:
-    """Refuse an output path that is a file or cannot be created, leaving nothing behind:
-    the folders of `out` that do not exist yet are made, then removed again (the run makes
-    them for good only once every input has been checked)."""
+def check_out_dir(out: Path | str, source: ModelSource | None = None) -> None:
+    """Refuse an output path that is empty, a file, cannot be created or (given the model
+    `source`) is the model's own folder, or for an HF folder lies inside it, leaving nothing
+    behind: the folders of `out` that do not exist yet are made, then removed again (the
+    run makes them for good only once every input has been checked)."""
+    if isinstance(out, str) and not out.strip():
+        raise UserError("--out is empty: pass a folder path (--out . for the current folder)")
+    out = Path(out)
+    if source is not None:  # an HF model's folder is hashed for its content: keep out of it
+        model, target = Path(source.path).expanduser().resolve(), out.expanduser().resolve()
+        if target == model or (source.kind == "hf" and model in target.parents):
+            where = "is the model's folder" if target == model else "is inside the model's folder"
+            raise UserError(f"output folder {out} {where} {source.path}: the run would write "
+                            "into the model; choose an --out outside it")
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file: pass a folder path to --out")
     missing, level = [], out.resolve()
@@ -197,14 +207,16 @@ def check_out_dir(out: Path) -> None:
                 folder.rmdir()
 
 
-def prepare_out_dir(out: Path) -> None:
-    check_out_dir(out)
+def prepare_out_dir(out: Path | str, source: ModelSource | None = None) -> None:
+    check_out_dir(out, source)
+    out = Path(out)
     try:
-        (out / WORK).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        lock_out_dir(out)  # first: a folder that is busy or has a bad lock file is left as it is
+        (out / WORK).mkdir(exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output folder {out} ({exc.strerror}): "
                         "choose a writable --out") from None
-    lock_out_dir(out)
     clear_leftovers(out)  # safe: the lock says no other run is writing here
 
 

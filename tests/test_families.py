@@ -177,3 +177,35 @@ def test_gemma3_gguf_lists_each_layers_attention_kind(family_models, tmp_path):
     fields = gguf.GGUFReader(path).fields
     assert fields["gemma3.attention.sliding_window_pattern"].contents() == [True, False]
     assert fields["general.architecture"].contents() == "gemma3"
+
+
+def test_a_tokenizer_that_adds_bos_starts_every_window_with_it(family_models, tmp_path):
+    """Llama 3's tokenizer puts BOS first: the run says so, and llama.cpp scores the same
+    BOS-led windows as torch (the GGUF records add_bos_token from the tokenizer)."""
+    import shutil
+
+    import gguf
+    from tokenizers import Tokenizer, processors
+
+    from conftest import write_tiny_recipe
+
+    folder = tmp_path / "llama3-bos"
+    shutil.copytree(family_models["llama3"], folder)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    recipe = write_tiny_recipe(tmp_path / "recipe.toml", folder, """
+[[variant]]
+name = "gguf-f16"
+export = { format = "gguf", weights = "f16" }
+""")
+    result = run_cli("run", recipe, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["eval"]["bos"] == {"added": True, "id": 1}
+    assert report["eval"]["tokens_scored"] == 8 * 63
+    rows = {v["name"]: v for v in report["variants"]}
+    assert abs(rows["gguf-f16"]["ppl_delta_pct"]) < 0.5
+    fields = gguf.GGUFReader(tmp_path / "out" / "gguf-f16" / "model.gguf").fields
+    assert bool(fields["tokenizer.ggml.add_bos_token"].contents())
