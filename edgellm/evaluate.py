@@ -6,6 +6,7 @@ so its peak RSS is its own and no other thread pool shares the cores.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -170,10 +171,8 @@ def _run_phase(spec: MeasureSpec, phase: str, work: Path) -> dict:
         # the whole group at once, SIGKILL: the child's work is thrown away (its temporary
         # result file is removed below); the group's id cannot be reused while the leader is
         # unreaped or any member lives, so this never reaches an unrelated process
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         proc.wait()
         proc.stderr.close()
         result_path.with_name(f".{result_path.name}.tmp-{proc.pid}").unlink(missing_ok=True)

@@ -177,15 +177,15 @@ def check_source_for(source: ModelSource, fmt: str, methods: list[str]) -> None:
 
 def check_out_dir(out: Path | str, source: ModelSource | None = None) -> None:
     """Refuse an output path that is empty, a file, cannot be created or (given the model
-    `source`) is the model's own folder, or for an HF folder lies inside it, leaving nothing
+    `source`) is an HF model's own folder or lies inside it, leaving nothing
     behind: the folders of `out` that do not exist yet are made, then removed again (the
     run makes them for good only once every input has been checked)."""
     if isinstance(out, str) and not out.strip():
         raise UserError("--out is empty: pass a folder path (--out . for the current folder)")
     out = Path(out)
-    if source is not None:  # an HF model's folder is hashed for its content: keep out of it
+    if source is not None and source.kind == "hf":  # its folder is hashed: keep out of it
         model, target = Path(source.path).expanduser().resolve(), out.expanduser().resolve()
-        if target == model or (source.kind == "hf" and model in target.parents):
+        if target == model or model in target.parents:
             where = "is the model's folder" if target == model else "is inside the model's folder"
             raise UserError(f"output folder {out} {where} {source.path}: the run would write "
                             "into the model; choose an --out outside it")

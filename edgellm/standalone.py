@@ -104,9 +104,9 @@ def export_model(model: str, to: str, weights: str | None, out: Path, console: C
     check_source_for(source, to, [])
     check_weights_cover_config(source)
     params = count_parameters(source.files())
-    check_out_dir(out)
+    check_out_dir(out, source)
     check_room([load_need(params), export_need(params, to, weights, [])], out, force)
-    prepare_out_dir(out)
+    prepare_out_dir(out, source)
     folder = _hf_folder(source, out, console, trust_remote_code)
     stem = Path(source.gguf_file).stem if source.gguf_file else Path(source.path).name
     # intermediates (the f32 GGUF quantized types start from) are keyed by the source's content
@@ -170,9 +170,9 @@ def compress_model(model: str, method: str, settings: list[str], calibration, ou
     check_source_for(source, "torch", [method])
     check_weights_cover_config(source)
     params = count_parameters(source.files())
-    check_out_dir(out)
+    check_out_dir(out, source)
     check_room([load_need(params), export_need(params, "torch", "f32", [method])], out, force)
-    prepare_out_dir(out)
+    prepare_out_dir(out, source)
     folder = _hf_folder(source, out, console, trust_remote_code)
     target = out / f"{_stem(source)}-{method}"
     context = Context(calibration=calibration, console=console, work=out / "_work",

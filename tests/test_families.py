@@ -185,9 +185,8 @@ def test_a_tokenizer_that_adds_bos_starts_every_window_with_it(family_models, tm
     import shutil
 
     import gguf
-    from tokenizers import Tokenizer, processors
-
     from conftest import write_tiny_recipe
+    from tokenizers import Tokenizer, processors
 
     folder = tmp_path / "llama3-bos"
     shutil.copytree(family_models["llama3"], folder)

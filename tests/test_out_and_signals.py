@@ -189,13 +189,9 @@ def test_an_empty_out_is_refused_and_nothing_is_written(tmp_path, tiny_llama, co
     assert _tree(tmp_path) == before and list(cwd.iterdir()) == []
 
 
-# export and compress refuse this once edgellm/standalone.py passes `source` to check_out_dir
-UNWIRED = pytest.mark.xfail(strict=True, reason="standalone.py: check_out_dir(out, source)")
-
-
 @pytest.mark.parametrize(("command", "where"), [
     ("run", "."), ("run", "sub/dir"),
-    pytest.param("export", ".", marks=UNWIRED), pytest.param("compress", "sub", marks=UNWIRED)])
+    ("export", "."), ("compress", "sub")])
 def test_an_out_in_the_model_folder_is_refused_and_nothing_is_written(tmp_path, tiny_llama, command,
                                                                       where):
     model = tmp_path / "model"
@@ -221,8 +217,61 @@ def test_check_out_dir_refuses_the_model_folder(tmp_path, tiny_llama):
     check_out_dir(tiny_llama.parent / "tiny-llama-out", source)  # a name that only starts alike
     with pytest.raises(UserError, match="--out is empty"):
         check_out_dir("", source)
-    gguf = ModelSource("gguf", str(tmp_path / "ggufs"), "m.gguf")  # its folder, not below it
-    with pytest.raises(UserError, match="is the model's folder"):
-        check_out_dir(tmp_path / "ggufs", gguf)
+    # a GGUF is one file, hashed alone: writing beside it (`export m.gguf --out .`) is fine
+    gguf = ModelSource("gguf", str(tmp_path / "ggufs"), "m.gguf")
+    check_out_dir(tmp_path / "ggufs", gguf)
     check_out_dir(tmp_path / "ggufs" / "out", gguf)
     assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "ggufs").exists()
+
+
+def test_an_interrupted_measure_ends_the_childs_whole_process_group(tmp_path, monkeypatch):
+    """What the measuring child started goes with it: the group is killed, not just the child."""
+    from edgellm import evaluate
+
+    fake = tmp_path / "fake-python"  # stands in for `python -m edgellm.runtimes.measure ...`
+    fake.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {tmp_path / 'grandchild.pid'}\nwait\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(evaluate.sys, "executable", str(fake))
+    pid_file = tmp_path / "grandchild.pid"
+
+    def interrupt(signum, frame):
+        if not pid_file.is_file() or not pid_file.read_text().strip():
+            return  # not started yet: the timer fires again
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.2, 0.1)
+    try:
+        spec = evaluate.MeasureSpec(fmt="gguf", artifact="x", ids_path="y")
+        with pytest.raises(KeyboardInterrupt):
+            evaluate._run_phase(spec, "score", tmp_path / "work")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(grandchild) and time.monotonic() < deadline:
+        try:
+            if psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    alive = psutil.pid_exists(grandchild) and psutil.Process(grandchild).status() != psutil.STATUS_ZOMBIE
+    assert not alive, "the measuring child's own child outlived the interrupt"
+    assert list((tmp_path / "work").iterdir()) == []  # the spec file is removed too
+
+
+def test_clear_leftovers_unlinks_a_symlinked_leftover_and_keeps_its_target(tmp_path):
+    from edgellm.artifacts import clear_leftovers
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".f16.partial").symlink_to(elsewhere, target_is_directory=True)
+    (out / ".report.json.tmp-1").symlink_to(elsewhere / "precious.txt")
+    assert sorted(p.name for p in clear_leftovers(out)) == [".f16.partial", ".report.json.tmp-1"]
+    assert list(out.iterdir()) == [] and (elsewhere / "precious.txt").read_text() == "keep me"
