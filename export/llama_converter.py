@@ -100,7 +100,7 @@ def convert(folder: Path, out_path: Path, outtype: str, work: Path, vocab: dict 
     the converter omits); `metadata` ({general.* key: value}) overrides what it reads from
     the folder (the name apps show)."""
     work.mkdir(parents=True, exist_ok=True)
-    stem = out_path.name.split(".")[0] + f"-{outtype}"
+    stem = out_path.name.lstrip(".").split(".")[0] + f"-{outtype}"  # a temp name starts with "."
     log, override = work / f"convert-{stem}.log", work / f"metadata-{stem}.json"
     additions = work / f"additions-{stem}.json"
     override.write_text(json.dumps(metadata or {}))
