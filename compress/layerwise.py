@@ -143,7 +143,7 @@ def layer_contexts(model, sample: torch.Tensor) -> list[dict]:
     """Per decoder layer, the keyword arguments the model's own forward passes it for one
     window like `sample` [1, seqlen, width]: the causal (or sliding-window) mask of its
     layer type and the rotary embeddings of that type, as transformers computes them."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    from transformers.masking_utils import create_sliding_window_causal_mask
 
     config, inner = model.config, model.model
     types = list(getattr(config, "layer_types", None) or
@@ -154,9 +154,11 @@ def layer_contexts(model, sample: torch.Tensor) -> list[dict]:
     shared = None if by_type else rotary(sample, positions)
     contexts = {}
     for kind in set(types):
-        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-        mask = make(config=config, inputs_embeds=sample, attention_mask=None,
-                    past_key_values=None, position_ids=positions)
+        # full attention without padding: no mask, attention runs causal by itself (the
+        # kernel path the model's own unpadded forward takes); sliding layers need theirs
+        mask = None if kind == "full_attention" else create_sliding_window_causal_mask(
+            config=config, inputs_embeds=sample, attention_mask=None, past_key_values=None,
+            position_ids=positions)
         rope = rotary(sample, positions, kind) if by_type else shared
         contexts[kind] = {"attention_mask": mask, "position_embeddings": rope,
                           "position_ids": positions}
