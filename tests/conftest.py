@@ -16,6 +16,17 @@ TINY_TEXT = ("The quick brown fox jumps over the lazy dog. " * 20
              + "Numbers like 12345 and 678 appear in text. Models read tokens. ") * 3
 
 
+# the rows of a small report the gate tests start from (tests/test_gate*.py)
+GATE_ROWS = [
+    {"name": "reference", "size_bytes": 538_000_000, "ppl": 20.0, "ppl_delta_pct": 0.0,
+     "decode_tps": 12.0},
+    {"name": "q8", "size_bytes": 145_000_000, "ppl": 20.1, "ppl_delta_pct": 0.5,
+     "decode_tps": 80.0, "kl_mean": 0.002},
+    {"name": "q4", "size_bytes": 92_000_000, "ppl": 24.0, "ppl_delta_pct": 20.0,
+     "decode_tps": 110.0, "kl_mean": 0.12},
+]
+
+
 def shared_text(name: str = "wikitext-2-raw-test.txt") -> Path:
     path = Path(os.environ.get("EDGELLM_DATA", SHARED_DATA)) / name
     if not path.is_file():

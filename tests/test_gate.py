@@ -4,19 +4,12 @@ import json
 from xml.etree import ElementTree
 
 import pytest
-from conftest import run_cli
+from conftest import GATE_ROWS, run_cli
 
 
 @pytest.fixture
 def report(tmp_path):
-    rows = [
-        {"name": "reference", "size_bytes": 538_000_000, "ppl": 20.0, "ppl_delta_pct": 0.0,
-         "decode_tps": 12.0},
-        {"name": "q8", "size_bytes": 145_000_000, "ppl": 20.1, "ppl_delta_pct": 0.5,
-         "decode_tps": 80.0, "kl_mean": 0.002},
-        {"name": "q4", "size_bytes": 92_000_000, "ppl": 24.0, "ppl_delta_pct": 20.0,
-         "decode_tps": 110.0, "kl_mean": 0.12},
-    ]
+    rows = GATE_ROWS
     path = tmp_path / "report.json"
     path.write_text(json.dumps({"variants": rows}))
     return path

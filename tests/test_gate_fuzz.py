@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
+from conftest import GATE_ROWS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,14 +27,7 @@ from edgellm import cli
 EXAMPLES = int(os.environ.get("EDGELLM_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=5000, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
-ROWS = [
-    {"name": "reference", "size_bytes": 538_000_000, "ppl": 20.0, "ppl_delta_pct": 0.0,
-     "decode_tps": 12.0},
-    {"name": "q8", "size_bytes": 145_000_000, "ppl": 20.1, "ppl_delta_pct": 0.5,
-     "decode_tps": 80.0, "kl_mean": 0.002},
-    {"name": "q4", "size_bytes": 92_000_000, "ppl": 24.0, "ppl_delta_pct": 20.0,
-     "decode_tps": 110.0, "kl_mean": 0.12},
-]
+ROWS = GATE_ROWS
 NAMES = [row["name"] for row in ROWS]
 FIGURES = ("size_bytes", "ppl", "ppl_delta_pct", "decode_tps", "kl_mean")
 LIMIT_KEYS = ("max_size_mb", "max_ppl_increase_pct", "min_decode_tps", "max_kl")
