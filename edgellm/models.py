@@ -409,17 +409,22 @@ def copy_tokenizer_files(source: Path, dest: Path) -> None:
 GGUF_SCALAR_KEYS = ("general.", "tokenizer.ggml.pre", "tokenizer.ggml.bos", "tokenizer.ggml.eos")
 
 
-def gguf_metadata(path: Path, keys_prefix: tuple[str, ...] = GGUF_SCALAR_KEYS) -> dict:
-    """Small scalar metadata of a GGUF file (not the vocabulary arrays)."""
+def read_gguf(path: Path):
+    """gguf-py's reader on a GGUF whose layout was checked first; a parse error is one line."""
     import gguf
 
     check_gguf_layout(path)
     try:
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except Exception as exc:  # gguf-py's parse errors have no common type
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"model file {path} is a corrupt GGUF ({first}): download or export it "
                         "again") from None
+
+
+def gguf_metadata(path: Path, keys_prefix: tuple[str, ...] = GGUF_SCALAR_KEYS) -> dict:
+    """Small scalar metadata of a GGUF file (not the vocabulary arrays)."""
+    reader = read_gguf(path)
     meta = {}
     for key, field in reader.fields.items():
         if key.startswith(keys_prefix):

@@ -157,18 +157,21 @@ def check_steps(recipe: Recipe) -> None:
 def check_families(recipe: Recipe, source: ModelSource) -> None:
     """Every variant's export and steps against the model's architecture (edgellm/archs/),
     and its rope scaling against what the exporters handle: refused before any work."""
+    family = source_family(source)
     for variant in recipe.variant:
         try:
-            check_source_for(source, variant.export.format, [s.method for s in variant.compress])
+            check_source_for(source, variant.export.format, [s.method for s in variant.compress],
+                             family)
         except UserError as exc:
             raise UserError(f"variant {variant.name}: {exc}") from None
 
 
-def check_source_for(source: ModelSource, fmt: str, methods: list[str]) -> None:
-    """One export format and chain of steps against the source's family and rope scaling."""
+def check_source_for(source: ModelSource, fmt: str, methods: list[str], family=None) -> None:
+    """One export format and chain of steps against the source's family and rope scaling
+    (`family`: what source_family(source) returned, when the caller has it)."""
     from edgellm.archs import check_rope, check_variant
 
-    family, config = source_family(source)
+    family, config = family or source_family(source)
     name = source.label or source.path
     if config is not None and fmt != "torch":
         check_rope(config, name)

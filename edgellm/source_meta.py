@@ -31,15 +31,14 @@ FILE_KEYS = ("general.architecture", "general.file_type", "general.quantization_
              "general.alignment")
 
 
-def gguf_fields(path: Path, prefix: str) -> dict:
+def gguf_fields(path: Path, prefix: str | tuple[str, ...]) -> dict:
     """{key: {"type", "sub_type", "value"}} of a GGUF's metadata fields under `prefix`."""
     import gguf
 
-    from edgellm.gguf_bounds import check_gguf_layout
+    from edgellm.models import read_gguf
 
-    check_gguf_layout(path)
     fields = {}
-    for key, field in gguf.GGUFReader(path).fields.items():
+    for key, field in read_gguf(path).fields.items():
         if not key.startswith(prefix) or key in FILE_KEYS:
             continue
         kind = field.types[0]
@@ -68,12 +67,11 @@ def write_source_meta(dest: Path, source, tokenizer) -> dict:
     """Write edgellm_source.json (and a GGUF source's vocabulary) into the HF folder `dest`."""
     meta = {"source": source.label or source.path, "kind": source.kind}
     if source.kind == "gguf":
-        gguf_path = Path(source.path) / source.gguf_file
-        vocab = gguf_fields(gguf_path, "tokenizer.")
+        fields = gguf_fields(Path(source.path) / source.gguf_file, ("tokenizer.", "general."))
+        vocab = {k: f for k, f in fields.items() if k.startswith("tokenizer.")}
         (dest / GGUF_VOCAB).write_text(json.dumps(vocab), encoding="utf-8")
-        general = gguf_fields(gguf_path, "general.")
-        meta["general"] = {k: f["value"] for k, f in general.items()
-                           if isinstance(f["value"], (str, int, float))}
+        meta["general"] = {k: f["value"] for k, f in fields.items()
+                           if k.startswith("general.") and isinstance(f["value"], (str, int, float))}
         meta["tokenizer_pre"] = vocab.get("tokenizer.ggml.pre", {}).get("value")
         add_bos = bool(vocab.get("tokenizer.ggml.add_bos_token", {}).get("value", False))
         bos_id = vocab.get("tokenizer.ggml.bos_token_id", {}).get("value")
@@ -110,26 +108,28 @@ def read_source_meta(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def bos_of_folder(folder: Path) -> int | None:
+def bos_of_folder(folder: Path, tokenizer=None) -> int | None:
     """The BOS id every window of this model starts with, or None (edgellm's own folders
-    say it in edgellm_source.json; another HF folder is asked through its tokenizer)."""
+    say it in edgellm_source.json; another HF folder is asked through its tokenizer, loaded
+    from the folder unless given)."""
     meta = read_source_meta(folder)
     if "add_bos_token" in meta:
         return meta.get("bos_token_id") if meta["add_bos_token"] else None
-    from transformers import AutoTokenizer
+    if tokenizer is None:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
 
 
 def source_bos(source, tokenizer) -> int | None:
     """The BOS id a source model's text starts with, or None: a GGUF's own
-    tokenizer.ggml.add_bos_token, else what the HF tokenizer does."""
+    tokenizer.ggml.add_bos_token, else what the HF folder or tokenizer says."""
     if source.kind == "gguf":
-        fields = gguf_fields(Path(source.path) / source.gguf_file, "tokenizer.ggml.")
-        add = fields.get("tokenizer.ggml.add_bos_token", {}).get("value", False)
-        bos = fields.get("tokenizer.ggml.bos_token_id", {}).get("value")
-        return int(bos) if add and bos is not None else None
-    if source.kind == "hf" and "add_bos_token" in read_source_meta(Path(source.path)):
-        return bos_of_folder(Path(source.path))
-    return tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+        from edgellm.models import gguf_metadata
+
+        flags = gguf_metadata(Path(source.path) / source.gguf_file,
+                              ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.bos_token_id"))
+        bos = flags.get("tokenizer.ggml.bos_token_id")
+        return int(bos) if flags.get("tokenizer.ggml.add_bos_token") and bos is not None else None
+    return bos_of_folder(Path(source.path), tokenizer)

@@ -38,9 +38,7 @@ GGUF_WEIGHTS = FLOAT_TYPES + tuple(QUANT_TYPES)
 
 def check_exportable(folder: Path) -> None:
     """Before any work: the folder's architecture and rope scaling have a GGUF route."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    family_of(config, str(folder))
-    check_rope(config, str(folder))
+    check_rope(json.loads((Path(folder) / "config.json").read_text()), str(folder))
 
 
 def export_gguf(folder: Path, out_path: Path, weights: str, work_dir: Path,

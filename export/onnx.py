@@ -54,12 +54,10 @@ def builder_options(export) -> list[str]:
 def check_architecture(model_dir: Path, weights: str = "f32") -> None:
     """The folder's family (edgellm/archs/) is one the builder writes, and its rotary size
     one ONNX Runtime runs, or a one-line refusal."""
-    from edgellm.archs import check_support, family_of
+    from edgellm.archs import check_variant, family_of
 
     config = json.loads((model_dir / "config.json").read_text())
-    family = family_of(config, str(model_dir))
-    check_support(family, "the ONNX exporter (onnxruntime-genai builder)", family.onnx,
-                  str(model_dir))
+    check_variant(family_of(config, str(model_dir)), "onnx", [], str(model_dir))
     if weights != "f16":
         check_rotary(config, str(model_dir))
 
