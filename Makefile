@@ -61,11 +61,18 @@ test-tools: $(NODE_TOOLS) browser
 demo: install
 	$(VENV)/bin/edgellm demo --out $(OUT)
 
+# The tests on real models run alone: llama.cpp's threads spin-wait, and a second busy
+# process slows them many times over. The small tests then run two at a time (pytest-xdist):
+# most of their time is single-threaded Python and torch start-up in child processes.
+TEST_WORKERS ?= 2
+
 test: install test-tools
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -m slow; slow=$$?; \
+	$(PY) -m pytest -q -ra -m "not slow" -n $(TEST_WORKERS); fast=$$?; \
+	[ $$slow -eq 0 ] && [ $$fast -eq 0 ]
 
 test-fast: install test-tools
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -m "not slow" -n $(TEST_WORKERS)
 
 bench: install
 	$(PY) bench/run.py

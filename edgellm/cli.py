@@ -33,11 +33,17 @@ TrustOption = Annotated[bool, typer.Option(help="Allow model code from the folde
 @app.command()
 def demo(out: OutOption = Path("edgellm-demo"),
          remeasure: Annotated[bool, typer.Option(help="Measure again even if cached.")] = False,
-         force: ForceOption = False):
-    """Run the built-in recipe on the embedded SmolLM2-135M (torch, GGUF f16/q8_0/q4_k_m/q4_0)."""
-    from edgellm.recipe import builtin_recipe_path
+         force: ForceOption = False,
+         max_tokens: Annotated[int | None, typer.Option(
+             min=1, help="Score only the first N tokens (a quicker look; default 16,384).")] = None):
+    """Run the built-in recipe on the embedded SmolLM2-135M: GGUF, ONNX, GPTQ and Wanda
+    variants, each measured in its runtime against torch."""
+    from edgellm.recipe import builtin_recipe_path, load_recipe
 
-    run(builtin_recipe_path("demo"), out, remeasure, allow_pickle=False, force=force)
+    spec = load_recipe(builtin_recipe_path("demo"))
+    if max_tokens is not None:
+        spec.eval.max_tokens = max_tokens
+    run_spec(spec, out, remeasure, force)
 
 
 @app.command()
@@ -46,14 +52,19 @@ def run(recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
         remeasure: Annotated[bool, typer.Option(help="Measure again even if cached.")] = False,
         allow_pickle: PickleOption = False, force: ForceOption = False):
     """Build every variant of RECIPE, measure each in its runtime, write report.json/.md/.html."""
-    from edgellm.errors import no_room_is_user_error
-    from edgellm.pipeline import run_recipe
     from edgellm.recipe import load_recipe
-    from edgellm.report import rich_table
 
     spec = load_recipe(recipe)
     if allow_pickle:
         spec.model.allow_pickle = True
+    run_spec(spec, out, remeasure, force)
+
+
+def run_spec(spec, out: Path, remeasure: bool, force: bool) -> None:
+    from edgellm.errors import no_room_is_user_error
+    from edgellm.pipeline import run_recipe
+    from edgellm.report import rich_table
+
     with no_room_is_user_error(out):
         report = run_recipe(spec, out, console, remeasure, force)
     console.print(rich_table(report["variants"]))

@@ -423,16 +423,10 @@ def read_gguf(path: Path):
 
 
 def gguf_metadata(path: Path, keys_prefix: tuple[str, ...] = GGUF_SCALAR_KEYS) -> dict:
-    """Small scalar metadata of a GGUF file (not the vocabulary arrays)."""
-    reader = read_gguf(path)
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith(keys_prefix):
-            try:
-                meta[key] = field.contents()
-            except Exception:  # an odd field type is not worth failing for
-                continue
-    return meta
+    """Metadata values of a GGUF file under `keys_prefix` (checked and read once per file)."""
+    from edgellm.gguf_bounds import read_gguf_meta
+
+    return read_gguf_meta(path).values(keys_prefix)
 
 
 def _restore_pre_tokenizer(tokenizer, pre: str | None) -> None:

@@ -70,14 +70,14 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     console = console or Console()
     out = Path(out)
     source = resolve_source(recipe.model.source, recipe.model.allow_pickle)
-    check_families(recipe, source)
-    check_weights_cover_config(source)
+    # the cheap checks first (texts need no torch), then the model's, then step/export pairs
     text_path = resolve_text(recipe.eval.text)
     text, text_sha = read_text(text_path)
     _check_text_length(text, recipe.eval.ctx, text_path)
-    # fail now, not after the first builds: calibration text, step/export combinations
     if any(v.export.imatrix or v.compress for v in recipe.variant):
         read_text(resolve_text(recipe.calibration.text))
+    check_families(recipe, source)
+    check_weights_cover_config(source)
     check_steps(recipe)
     check_out_dir(out, source)
     with console.status("reading tokenizer"):

@@ -48,9 +48,9 @@ def count_parameters(model_files: list[Path]) -> int:
     total = 0
     for path in model_files:
         if path.suffix == ".gguf":
-            import gguf
+            from edgellm.gguf_bounds import read_gguf_meta
 
-            total += sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
+            total += sum(read_gguf_meta(path).tensors.values())
         elif path.suffix == ".safetensors":
             total += _safetensors_parameters(path)
         elif path.suffix in (".bin", ".pt", ".pth"):

@@ -33,25 +33,11 @@ FILE_KEYS = ("general.architecture", "general.file_type", "general.quantization_
 
 def gguf_fields(path: Path, prefix: str | tuple[str, ...]) -> dict:
     """{key: {"type", "sub_type", "value"}} of a GGUF's metadata fields under `prefix`."""
-    import gguf
+    from edgellm.gguf_bounds import read_gguf_meta
 
-    from edgellm.models import read_gguf
-
-    fields = {}
-    for key, field in read_gguf(path).fields.items():
-        if not key.startswith(prefix) or key in FILE_KEYS:
-            continue
-        kind = field.types[0]
-        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        fields[key] = {"type": int(kind), "sub_type": int(sub) if sub is not None else None,
-                       "value": _plain(field.contents())}
-    return fields
-
-
-def _plain(value):
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value.item() if hasattr(value, "item") else value
+    return {key: {"type": kind, "sub_type": sub, "value": value}
+            for key, (kind, sub, value) in read_gguf_meta(path).fields.items()
+            if key.startswith(prefix) and key not in FILE_KEYS}
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:

@@ -11,15 +11,19 @@ sdist of the installed llama-cpp-python version (pip downloads it; `make install
 nothing of llama.cpp's code lives in this repository.
 
 The converter runs in a child process (export/gguf_convert_child.py) with its own gguf-py
-first on the path, so its gguf and ours never meet in one interpreter.
+first on the path, so its gguf and ours never meet in one interpreter; one such process
+serves all the conversions of a run.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -31,7 +35,6 @@ from edgellm.errors import UserError
 ENV = "EDGELLM_LLAMA_CPP_CONVERTER"  # a folder holding convert_hf_to_gguf.py, conversion/, gguf-py/
 PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 INSTALL = "python -m edgellm.export.llama_converter install (make install runs it)"
-PRE_ENV = "EDGELLM_GGUF_PRE"  # the child's pre-tokenizer name where the converter knows no hash
 # sha256 of tokenizer.json's "pre_tokenizer" section → llama.cpp pre-tokenizer name. The
 # converter names a BPE pre-tokenizer by hashing the tokens of a probe text, which depends
 # on the vocabulary too: a retrained or pruned vocabulary behind the same regex is unknown
@@ -105,26 +108,75 @@ def convert(folder: Path, out_path: Path, outtype: str, work: Path, vocab: dict 
     additions = work / f"additions-{stem}.json"
     override.write_text(json.dumps(metadata or {}))
     additions.write_text(json.dumps({"vocab": vocab, "extra": extra or {}}))
-    cmd = [sys.executable, "-m", "edgellm.export.gguf_convert_child", str(converter_dir()),
-           str(additions), str(folder), "--outtype", outtype, "--outfile", str(out_path),
-           "--metadata", str(override)]
-    env = dict(os.environ)
-    pre = known_pre_tokenizer(folder)
-    if pre:
-        env[PRE_ENV] = pre
-    with open(log, "w") as handle:
-        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode in (130, -2):
-        raise KeyboardInterrupt
-    if proc.returncode != 0:
+    job = {"args": [str(folder), "--outtype", outtype, "--outfile", str(out_path),
+                    "--metadata", str(override)],
+           "additions": str(additions), "pre": known_pre_tokenizer(folder), "log": str(log)}
+    code = _WORKER.run(job)
+    if code != 0:
         from edgellm.errors import no_room_reason
 
-        text = log.read_text(errors="replace")
+        text = log.read_text(errors="replace") if log.is_file() else ""
         if no_room_reason(OSError(text)):  # the child ran out of disk: the caller's one line
             raise OSError(errno.ENOSPC, f"no space left writing {out_path}")
         lines = [line for line in text.splitlines() if line.strip()]
         raise UserError(f"llama.cpp's converter could not convert {folder} "
                         f"({(lines or ['no output'])[-1][:240]}): see {log}")
+
+
+class _Worker:
+    """The converter process of this edgellm process (export/gguf_convert_child.py), started
+    on the first conversion, in its own process group; ended with everything it runs when
+    a conversion is interrupted, and at exit."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.folder: Path | None = None
+        atexit.register(self.close)
+
+    def run(self, job: dict) -> int:
+        folder = converter_dir()
+        if self.proc is not None and (self.proc.poll() is not None or folder != self.folder):
+            self.close()
+        if self.proc is None:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgellm.export.gguf_convert_child", str(folder)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+            self.folder = folder
+        try:
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
+            answer = self.proc.stdout.readline()
+        except BrokenPipeError:
+            answer = ""
+        except BaseException:  # Ctrl-C, or SIGTERM/SIGHUP turned into it: nothing goes on
+            self.kill()
+            raise
+        if not answer:  # the process died: its signal or exit code is the job's
+            code = self.proc.wait()
+            self.proc = None
+            if code in (-signal.SIGINT, 130):
+                raise KeyboardInterrupt
+            return code or 1
+        return json.loads(answer)["rc"]
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+
+_WORKER = _Worker()
 
 
 def known_pre_tokenizer(folder: Path) -> str | None:

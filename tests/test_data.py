@@ -46,3 +46,19 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_one():
     # every text token is a target exactly once, in order: BOS only ever conditions
     assert np.concatenate([w[1:] for w in windows]).tolist() == ids.tolist()
     assert [w.tolist() for w in token_windows(ids, 5)] == [ids[i:i + 5].tolist() for i in range(0, 20, 5)]
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_a_prefix_tokenizes_to_the_same_ids_as_the_whole_text(tiny_llama, which):
+    from transformers import AutoTokenizer
+
+    from edgellm.data import tokenize
+    from edgellm.models import load_tokenizer, resolve_source
+
+    tokenizer = (AutoTokenizer.from_pretrained(tiny_llama) if which == "tiny"
+                 else load_tokenizer(resolve_source("smollm2-135m", False)))
+    text = resolve_text("wikitext-2-raw-test").read_text(encoding="utf-8")
+    whole = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+    for max_tokens in (1, 300, 4096, 16384, len(whole) - 100, len(whole) + 10):
+        ids = tokenize(tokenizer, text, max_tokens)
+        assert np.array_equal(ids, whole[:max_tokens]), max_tokens

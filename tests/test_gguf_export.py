@@ -53,3 +53,46 @@ def test_quantized_type_is_smaller_and_written_atomically(tiny_llama, tmp_path):
     types = {t.tensor_type.name for t in gguf.GGUFReader(q8).tensors}
     assert "Q8_0" in types
     assert not list(tmp_path.glob(".*.tmp-*"))
+
+
+def test_one_converter_process_serves_a_run_and_a_failure_is_one_line(tiny_llama, tmp_path):
+    import hashlib
+
+    from edgellm.errors import UserError
+    from edgellm.export import llama_converter
+
+    first, second = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    write_float_gguf(tiny_llama, first, "f16", tmp_path / "work-a")
+    pid = llama_converter._WORKER.proc.pid
+    write_float_gguf(tiny_llama, second, "f16", tmp_path / "work-b")
+    assert llama_converter._WORKER.proc.pid == pid  # the same process, hooks put back
+    digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (first, second)}
+    assert len(digests) == 1
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    with pytest.raises(UserError, match="could not convert"):
+        llama_converter.convert(broken, tmp_path / "c.gguf", "f16", tmp_path / "work-c")
+    assert not (tmp_path / "c.gguf").exists()
+    write_float_gguf(tiny_llama, tmp_path / "d.gguf", "f16", tmp_path / "work-d")
+    assert hashlib.sha256((tmp_path / "d.gguf").read_bytes()).hexdigest() in digests
+
+
+def test_an_interrupted_conversion_ends_its_converter_process(tiny_llama, tmp_path, monkeypatch):
+    import os
+
+    from edgellm.export import llama_converter
+
+    write_float_gguf(tiny_llama, tmp_path / "a.gguf", "f16", tmp_path / "work")
+    proc = llama_converter._WORKER.proc
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(proc.stdout, "readline", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_float_gguf(tiny_llama, tmp_path / "b.gguf", "f16", tmp_path / "work-b")
+    assert proc.poll() is not None and llama_converter._WORKER.proc is None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
+    assert not (tmp_path / "b.gguf").exists()
