@@ -168,13 +168,31 @@ def lock_out_dir(out: Path) -> None:
     lock file a dead run left behind is simply taken over. The lock file is opened without
     following a symlink; one that is a symlink, a folder or any other non-regular file (or
     a hard link to another file) is refused, never followed or overwritten."""
-    import fcntl
-
     key = Path(out).resolve()
     if key in _held_locks:
         return
-    fd = _open_lock_file(Path(out), key / LOCK)
-    handle = os.fdopen(fd, "r+")  # noqa: SIM115 (held open until the process exits)
+    handle = _take_lock(Path(out), key)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _held_locks[key] = handle
+
+
+def check_lock(out: Path) -> None:
+    """Before any work: refuse an output folder whose lock file is not a regular file, or
+    that another run holds (lock_out_dir takes the lock for good later)."""
+    key = Path(out).resolve()
+    if key in _held_locks or not os.path.lexists(key / LOCK):
+        return
+    _take_lock(Path(out), key).close()  # closing lets go of this check's own lock only
+
+
+def _take_lock(out: Path, key: Path):
+    """The open lock file of `out`, flock-ed by this process; a run holding it is refused."""
+    import fcntl
+
+    handle = os.fdopen(_open_lock_file(out, key / LOCK), "r+")  # noqa: SIM115
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -185,11 +203,7 @@ def lock_out_dir(out: Path) -> None:
 
         raise UserError(f"output folder {out} is in use by another edgellm run (pid {holder}): "
                         "wait for it to finish or choose another --out") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    _held_locks[key] = handle
+    return handle
 
 
 def _open_lock_file(out: Path, path: Path) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -36,8 +37,7 @@ def demo(out: OutOption = Path("edgellm-demo"),
          force: ForceOption = False,
          max_tokens: Annotated[int | None, typer.Option(
              min=1, help="Score only the first N tokens (a quicker look; default 16,384).")] = None):
-    """Run the built-in recipe on the embedded SmolLM2-135M: GGUF, ONNX, GPTQ and Wanda
-    variants, each measured in its runtime against torch."""
+    """Run the built-in recipe on SmolLM2-135M: GGUF, ONNX, GPTQ and Wanda variants vs torch."""
     from edgellm.recipe import builtin_recipe_path, load_recipe
 
     spec = load_recipe(builtin_recipe_path("demo"))
@@ -186,11 +186,11 @@ def compress(
 @app.command()
 def report(out: Annotated[Path, typer.Argument(help="Run folder holding report.json.")]):
     """Rewrite report.md and report.html from OUT/report.json."""
-    from edgellm.gate import load_report
     from edgellm.report import write_reports
+    from edgellm.report_file import load_report
 
     path = out / "report.json" if out.is_dir() else out
-    data = load_report(path)
+    data = load_report(path, rendered=True)
     for written in write_reports(data, path.parent):
         console.print(f"wrote {written}")
 
@@ -206,11 +206,23 @@ def compare(
     from edgellm.compare import compare_reports
 
     paths = [p / "report.json" if p.is_dir() else p for p in (base, new)]
+    if markdown is not None:
+        check_file_target(markdown, "--markdown")
     text = compare_reports(*paths)
     print(text)
     if markdown:
         write_text_atomic(markdown, text + "\n")
         console.print(f"wrote {markdown}")
+
+
+def check_file_target(path: Path, option: str) -> None:
+    """Before any work: a file the command will write must not be a folder, and its folder
+    must exist."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder: pass a file path")
+    if not path.parent.is_dir():
+        raise UserError(f"{option} {path}: folder {path.parent} does not exist: create it or "
+                        "pass another path")
 
 
 @app.command()
@@ -261,12 +273,21 @@ def main() -> None:
         context = getattr(exc, "ctx", None)
         command = context.command_path if context else "edgellm"
         _fail(f"{exc.format_message()} (see `{command} --help`)", 2)
+    except OSError as exc:
+        if exc.errno not in PATH_ERRORS:
+            raise
+        where = f"path {exc.filename}" if exc.filename else "a path given"
+        _fail(f"{where} {PATH_ERRORS[exc.errno]}: pass another path", 2)
     finally:  # as they were (main() also runs inside tests' processes)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _received.clear()
     sys.exit(code if isinstance(code, int) else 0)
 
+
+# a path the user gave that the file system cannot take, wherever it is first used
+PATH_ERRORS = {errno.ENAMETOOLONG: "has a name longer than the file system allows (255 bytes)",
+               errno.ELOOP: "runs through a loop of symlinks"}
 
 # SIGTERM and SIGHUP end a run as Ctrl-C does: they raise KeyboardInterrupt where the run
 # is, so staging folders are removed and measuring children killed on the way out

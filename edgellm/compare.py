@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgellm.gate import load_report
+from edgellm.report import cell
+from edgellm.report_file import load_report
 
 
 def compare_reports(base_path: Path, new_path: Path) -> str:
@@ -25,25 +26,35 @@ def compare_reports(base_path: Path, new_path: Path) -> str:
         if a is None or b is None:
             row = a or b
             state = "added" if a is None else "removed"
-            lines.append(f"| {name} ({state}) | {_mb(row):.1f} | | {row['ppl_delta_pct']:+.2f} | "
-                         f"{row['decode_tps']:.1f} |")
+            lines.append(f"| {name} ({state}) | {_mb(row)} | | {cell(row, 'ppl_delta_pct', PCT)} | "
+                         f"{cell(row, 'decode_tps', TPS)} |")
             continue
-        size_change = (b["size_bytes"] / a["size_bytes"] - 1) * 100 if a["size_bytes"] else 0.0
-        lines.append(f"| {name} | {_mb(a):.1f} → {_mb(b):.1f} | {size_change:+.1f}% | "
-                     f"{a['ppl_delta_pct']:+.2f} → {b['ppl_delta_pct']:+.2f} | "
-                     f"{a['decode_tps']:.1f} → {b['decode_tps']:.1f} |")
+        lines.append(f"| {name} | {_mb(a)} → {_mb(b)} | {_size_change(a, b)} | "
+                     f"{cell(a, 'ppl_delta_pct', PCT)} → {cell(b, 'ppl_delta_pct', PCT)} | "
+                     f"{cell(a, 'decode_tps', TPS)} → {cell(b, 'decode_tps', TPS)} |")
     notes = _protocol_notes(base, new)
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def _mb(row: dict) -> float:
-    return row["size_bytes"] / 1e6
+PCT, TPS = "{:+.2f}", "{:.1f}"
+
+
+def _mb(row: dict) -> str:
+    size = row.get("size_bytes")
+    return "–" if size is None else f"{size / 1e6:.1f}"
+
+
+def _size_change(a: dict, b: dict) -> str:
+    if not a.get("size_bytes") or b.get("size_bytes") is None:
+        return "–"
+    return f"{(b['size_bytes'] / a['size_bytes'] - 1) * 100:+.1f}%"
 
 
 def _protocol_notes(base: dict, new: dict) -> list[str]:
     """Perplexities compare only on the same text and windows: say when they differ."""
     notes = []
-    a, b = base.get("eval", {}), new.get("eval", {})
+    a, b = base.get("eval"), new.get("eval")
+    a, b = (a if isinstance(a, dict) else {}), (b if isinstance(b, dict) else {})
     for key in ("sha256", "tokens", "ctx"):
         if a.get(key) != b.get(key):
             notes.append(f"Note: eval {key} differs ({a.get(key)} vs {b.get(key)}): "

@@ -20,6 +20,7 @@ from xml.etree import ElementTree
 from edgellm.artifacts import write_text_atomic
 from edgellm.errors import UserError
 from edgellm.recipe import REFERENCE
+from edgellm.report_file import load_report
 
 LIMITS = ("max-size-mb", "max-ppl-increase-pct", "min-decode-tps", "max-kl")  # Budget's order
 # the report figures each budget reads: (key, least sound value, whether that value is excluded)
@@ -135,40 +136,6 @@ class Breach:
     variant: str
     budget: str
     message: str
-
-
-def load_report(path: Path) -> dict:
-    """The report at `path`, refused unless it is a JSON object whose variants are a list of
-    objects with distinct printable names. Figures are checked by the budgets that read them."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"report {path} does not exist: run `edgellm run` first or fix the path")
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError):
-        raise UserError(f"report {path} is not valid JSON: pass the report.json a run wrote") from None
-    except OSError as exc:
-        raise UserError(f"cannot read report {path} ({exc.strerror}): fix the path") from None
-    if not isinstance(report, dict):
-        raise UserError(f"report {path} is not a JSON object: pass the report.json a run wrote")
-    variants = report.get("variants")
-    if not isinstance(variants, list) or not variants:
-        raise UserError(f"report {path} has no variants: pass the report.json a run wrote")
-    _check_names(variants, path)
-    return report
-
-
-def _check_names(variants: list, path: Path) -> None:
-    seen = set()
-    for number, row in enumerate(variants, 1):
-        name = row.get("name") if isinstance(row, dict) else None
-        if not isinstance(name, str) or not name or not name.isprintable():
-            raise UserError(f"report {path}: variant {number} is not an object with a name: "
-                            "regenerate it with `edgellm run`")
-        if name in seen:
-            raise UserError(f"report {path}: two variants are named '{name}': "
-                            "regenerate it with `edgellm run`")
-        seen.add(name)
 
 
 def check_budget_names(per_variant: dict[str, Budget], report: dict, report_path: Path,

@@ -141,7 +141,7 @@ class _Walker:
                         f"type {kind}: download or export it again")
 
     def walk(self, tensors: int, kvs: int) -> GGUFMeta:
-        meta = GGUFMeta()
+        meta, extents = GGUFMeta(), []
         for index in range(kvs):
             key = self.string(f"metadata key {index}")
             kind = self.u32(f"metadata value type {index}")
@@ -156,5 +156,30 @@ class _Walker:
             elements = 1
             for extent in struct.unpack_from(f"<{dims}Q", self.data, start):
                 elements *= extent
+            kind, offset = struct.unpack_from("<IQ", self.data, start + 8 * dims)
             meta.tensors[name] = elements
+            extents.append((name, kind, elements, offset))
+        self.check_data(extents, meta.fields.get("general.alignment", (0, None, 32))[2])
         return meta
+
+    def check_data(self, extents: list[tuple[str, int, int, int]], alignment) -> None:
+        """Each tensor's bytes (type's block size × elements, from its offset in the data
+        section) must lie inside the file."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        if not isinstance(alignment, int) or alignment <= 0:
+            raise UserError(f"model file {self.path} is corrupt: general.alignment is "
+                            f"{alignment!r}: download or export it again")
+        data_start = -(-self.pos // alignment) * alignment
+        for name, kind, elements, offset in extents:
+            try:
+                block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            except (ValueError, KeyError):
+                raise UserError(f"model file {self.path}: tensor {name} has ggml type {kind}, "
+                                "which this gguf version does not know: update edgellm's gguf "
+                                "package or re-export the file") from None
+            end = data_start + offset + elements // block * size
+            if elements % block or end > len(self.data):
+                raise UserError(f"model file {self.path} is truncated or corrupt (tensor {name} "
+                                f"ends at byte {end}, past its {len(self.data)} bytes): download "
+                                "or export it again")

@@ -75,10 +75,14 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
 def _hf_folder_source(folder: Path, allow_pickle: bool = False) -> ModelSource:
+    from edgellm.model_folder import check_entries, check_json_files
+
+    check_entries(folder)
     if not (folder / "config.json").is_file():
         raise UserError(
             f"model folder {folder} has no config.json: pass a Hugging Face model folder"
         )
+    check_json_files(folder)
     weights = sorted(folder.glob("*.safetensors"))
     if weights:
         for path in weights:
@@ -151,6 +155,9 @@ def check_safetensors_header(path: Path) -> None:
         if offsets[1] > data_bytes:
             raise corrupt_safetensors(path, f"tensor {name} ends at byte {offsets[1]}, the data "
                                             f"holds {data_bytes}")
+    from edgellm.model_folder import check_tensor_extents
+
+    check_tensor_extents(path, header)
 
 
 def _hub_source(repo_id: str) -> ModelSource:
@@ -275,13 +282,27 @@ def check_weights_cover_config(source: ModelSource) -> None:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"model folder {folder}: its config.json does not describe a causal LM "
                         f"transformers can build ({first}): pass a causal LM folder") from None
-    stored = set()
+    stored = {}
     for path in folder.glob("*.safetensors"):
-        stored |= set(safetensors_header(path)) - {"__metadata__"}
-    missing = set(model.state_dict()) - stored
+        stored.update({name: info.get("shape") for name, info in safetensors_header(path).items()
+                       if name != "__metadata__"})
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    missing = set(expected) - set(stored)
     if getattr(config, "tie_word_embeddings", False):
         missing = {name for name in missing if not name.endswith("lm_head.weight")}
     check_loading_info({"missing_keys": sorted(missing)}, folder)
+    check_shapes(expected, stored, folder)
+
+
+def check_shapes(expected: dict[str, list[int]], stored: dict[str, list[int]], folder: Path) -> None:
+    """Every stored tensor the architecture uses has the shape its config.json implies: a
+    config whose hidden_size (or head or layer counts) disagrees with the weights would
+    otherwise export a GGUF llama.cpp cannot load."""
+    for name in sorted(set(expected) & set(stored)):
+        if stored[name] != expected[name]:
+            raise UserError(f"model folder {folder}: tensor {name} is {stored[name]} but config.json "
+                            f"implies {expected[name]}: the config and the weights do not belong "
+                            "together; fix config.json")
 
 
 def source_family(source: ModelSource):

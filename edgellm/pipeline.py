@@ -19,6 +19,7 @@ from edgellm import __version__
 from edgellm.artifacts import (
     MANIFEST,
     atomic_path,
+    check_lock,
     clear_leftovers,
     lock_out_dir,
     publish_dir,
@@ -70,6 +71,7 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     console = console or Console()
     out = Path(out)
     source = resolve_source(recipe.model.source, recipe.model.allow_pickle)
+    check_out_dir(out, source)
     # the cheap checks first (texts need no torch), then the model's, then step/export pairs
     text_path = resolve_text(recipe.eval.text)
     text, text_sha = read_text(text_path)
@@ -79,7 +81,6 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     check_families(recipe, source)
     check_weights_cover_config(source)
     check_steps(recipe)
-    check_out_dir(out, source)
     with console.status("reading tokenizer"):
         tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
         ids = tokenize(tokenizer, text, recipe.eval.max_tokens)
@@ -194,6 +195,8 @@ def check_out_dir(out: Path | str, source: ModelSource | None = None) -> None:
                             "into the model; choose an --out outside it")
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file: pass a folder path to --out")
+    if out.is_dir():
+        check_lock(out)
     missing, level = [], out.resolve()
     while not level.exists():
         missing.append(level)

@@ -17,6 +17,11 @@ from edgellm.errors import UserError
 REFERENCE = "reference"
 ONNX_ONLY = ("block_size", "accuracy_level", "symmetric", "lm_head_bits")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# a variant's folder holds its name; its staging folder (.NAME.partial) and the files of a
+# GGUF or ONNX export inside must still fit a file system's 255-byte names
+MAX_NAME = 100
+# what edgellm writes at the top of an output folder besides the variants' folders
+RESERVED_NAMES = ("report.json", "report.md", "report.html", "manifest.json", "measurement.json")
 
 
 class Strict(BaseModel):
@@ -86,15 +91,16 @@ class ExportSpec(Strict):
 
 
 class VariantSpec(Strict):
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, max_length=MAX_NAME)
     compress: list[CompressStep] = []
     export: ExportSpec
 
     @field_validator("name")
     @classmethod
     def _not_reserved(cls, name: str) -> str:
-        if name == REFERENCE or name.startswith("_"):
-            raise ValueError(f"variant name '{name}' is reserved: choose another")
+        if name == REFERENCE or name.startswith("_") or name.lower() in RESERVED_NAMES:
+            raise ValueError(f"variant name '{name}' is reserved (edgellm writes a file or folder "
+                             "of that name in the output folder): choose another")
         return name
 
     @field_validator("compress")

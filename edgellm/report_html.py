@@ -62,10 +62,18 @@ def _pyplot():
     return plt
 
 
+def _plottable(value) -> bool:
+    """A figure a chart can place (a report may hold null, NaN or infinity)."""
+    import math
+
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def size_quality_svg(variants: list[dict]) -> str:
     """Size vs perplexity; the Pareto front (nothing both smaller and better) joined."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    variants = [r for r in variants if _plottable(r.get("size_mb")) and _plottable(r.get("ppl"))]
     for row in variants:
         on_front = row.get("pareto_front")
         ax.scatter(row["size_mb"], row["ppl"], s=50 if on_front else 30,
@@ -87,12 +95,13 @@ def size_quality_svg(variants: list[dict]) -> str:
 def decode_ceiling_svg(variants: list[dict]) -> str:
     """Decode tok/s per variant as bars, each with its memory-bandwidth ceiling marked."""
     plt = _pyplot()
-    rows = [r for r in variants if r.get("decode_tps")]
+    rows = [r for r in variants if _plottable(r.get("decode_tps")) and r["decode_tps"] > 0]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
     names = [r["name"] for r in rows]
     ax.barh(names, [r["decode_tps"] for r in rows], color="tab:blue", label="decode tok/s")
     ceilings = [r.get("decode_ceiling_tps") for r in rows]
-    if all(ceilings):
+    if all(_plottable(c) for c in ceilings) and all(
+            _plottable(r.get("decode_pct_of_ceiling")) for r in rows):
         ax.scatter(ceilings, names, marker="|", s=300, color="black",
                    label="bandwidth ceiling", zorder=3)
         for row in rows:

@@ -101,10 +101,10 @@ def export_model(model: str, to: str, weights: str | None, out: Path, console: C
         raise UserError(f"weights '{weights}' not available for {to}: use one of "
                         f"{', '.join(weights_for(to))}")
     source = resolve_source(model, allow_pickle)
+    check_out_dir(out, source)
     check_source_for(source, to, [])
     check_weights_cover_config(source)
     params = count_parameters(source.files())
-    check_out_dir(out, source)
     check_room([load_need(params), export_need(params, to, weights, [])], out, force)
     prepare_out_dir(out, source)
     folder = _hf_folder(source, out, console, trust_remote_code)
@@ -167,10 +167,10 @@ def compress_model(model: str, method: str, settings: list[str], calibration, ou
     rank = int(os.environ.get("RANK", "0"))  # set by accelerate launch / torchrun
     if rank > 0:
         return _follow(step, source, out, calibration, console, rank)
+    check_out_dir(out, source)
     check_source_for(source, "torch", [method])
     check_weights_cover_config(source)
     params = count_parameters(source.files())
-    check_out_dir(out, source)
     check_room([load_need(params), export_need(params, "torch", "f32", [method])], out, force)
     prepare_out_dir(out, source)
     folder = _hf_folder(source, out, console, trust_remote_code)

@@ -60,7 +60,23 @@ def export_gguf(folder: Path, out_path: Path, weights: str, work_dir: Path,
         if not source.is_file():
             write_float_gguf(folder, source, "f32", work_dir)
         quantize_gguf(source, out_path, weights, imatrix=imatrix)
+    check_loads(out_path, work_dir / f"load-{out_path.stem}.log")
     return out_path
+
+
+def check_loads(path: Path, log: Path) -> None:
+    """llama.cpp opens the file (metadata, vocabulary, every tensor's type, shape and
+    offset; memory-mapped, so it costs well under a second) before it is published."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_default_params()
+    with native_stderr_to(log):
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        path.unlink(missing_ok=True)
+        raise UserError(f"llama.cpp cannot load the GGUF edgellm wrote from this model ({log} "
+                        "says why); nothing was published: please report it with that log")
+    llama_cpp.llama_model_free(model)
 
 
 def write_float_gguf(folder: Path, out_path: Path, weights: str, work: Path) -> None:

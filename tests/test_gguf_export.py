@@ -96,3 +96,44 @@ def test_an_interrupted_conversion_ends_its_converter_process(tiny_llama, tmp_pa
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)
     assert not (tmp_path / "b.gguf").exists()
+
+
+def test_a_gguf_llama_cpp_cannot_load_is_not_published(tiny_llama, tmp_path):
+    """check_loads opens every GGUF edgellm writes in llama.cpp first: one missing a tensor
+    the architecture needs is refused and removed."""
+    import gguf
+
+    from edgellm.errors import UserError
+    from edgellm.export.gguf import check_loads
+    from edgellm.export.gguf_gptq import copy_fields
+
+    good = tmp_path / "good.gguf"
+    write_float_gguf(tiny_llama, good, "f16", tmp_path / "work")
+    check_loads(good, tmp_path / "good.log")
+    reader = gguf.GGUFReader(good)
+    broken = tmp_path / "broken.gguf"
+    writer = gguf.GGUFWriter(broken, "llama")
+    copy_fields(reader, writer, reader.fields["general.file_type"].contents())
+    for tensor in reader.tensors:
+        if tensor.name != "blk.0.attn_q.weight":
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UserError, match="llama.cpp cannot load"):
+        check_loads(broken, tmp_path / "broken.log")
+    assert not broken.exists() and "attn_q" in (tmp_path / "broken.log").read_text()
+
+
+def test_a_gguf_source_whose_tensors_run_past_its_end_is_one_line(tiny_llama, tmp_path):
+    import os
+
+    from conftest import run_cli
+
+    path = tmp_path / "cut.gguf"
+    write_float_gguf(tiny_llama, path, "f16", tmp_path / "work")
+    os.truncate(path, path.stat().st_size - 100)
+    result = run_cli("export", path, "--out", tmp_path / "out")
+    assert result.returncode == 2 and "truncated or corrupt (tensor" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
