@@ -28,7 +28,6 @@ PickleOption = Annotated[bool, typer.Option(
     "you trust. Loaded with weights_only=True and saved as safetensors.")]
 ForceOption = Annotated[bool, typer.Option(
     help="Go on when the estimated memory or disk need exceeds what the machine has.")]
-TrustOption = Annotated[bool, typer.Option(help="Allow model code from the folder.")]
 
 
 @app.command()
@@ -103,7 +102,6 @@ def export(
              "onnx/ort: f32, int8, int4; mlx: f16, q8, q4. Default: f16 for gguf and mlx, "
              "f32 for onnx/ort.")] = None,
     out: OutOption = Path("edgellm-export"),
-    trust_remote_code: TrustOption = False,
     allow_pickle: PickleOption = False,
     force: ForceOption = False,
     ollama: Annotated[bool, typer.Option(
@@ -145,7 +143,7 @@ def export(
             console.print(f"chose {choice['weights']} ({choice['rule']}; "
                           f"{choice['budget_text']}); evidence in {out / 'report.md'}")
         else:
-            path = export_model(model, to, weights, out, console, trust_remote_code,
+            path = export_model(model, to, weights, out, console,
                                 allow_pickle, force)
         console.print(f"wrote {path}")
         if ollama:
@@ -166,7 +164,6 @@ def compress(
     samples: Annotated[int, typer.Option(min=1, help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(min=16, help="Tokens per calibration window.")] = 512,
     out: OutOption = Path("edgellm-compress"),
-    trust_remote_code: TrustOption = False,
     allow_pickle: PickleOption = False,
     force: ForceOption = False,
 ):
@@ -177,7 +174,7 @@ def compress(
 
     spec = CalibrationSpec(text=calibration, samples=samples, seqlen=seqlen)
     with no_room_is_user_error(out):
-        path = compress_model(model, method, set_ or [], spec, out, console, trust_remote_code,
+        path = compress_model(model, method, set_ or [], spec, out, console,
                               allow_pickle, force)
     if path:  # None in the non-first processes of a distributed launch
         console.print(f"wrote {path}")

@@ -2,7 +2,8 @@
 
 Loading rules: safetensors only, their headers checked before loading; pickle checkpoints
 refused unless the user passes --allow-pickle (then read with torch's `weights_only=True`
-and saved as safetensors at once); `trust_remote_code` off unless asked; a folder whose
+and saved as safetensors at once); model code from a folder or the hub never runs (only
+the families of edgellm/archs/, which transformers implements, are read); a folder whose
 weights do not cover its config is refused rather than run with random tensors;
 GGUF files are dequantized by transformers (`gguf_file=`) and their quantizer state is
 dropped so the model can be saved as a plain HF folder.
@@ -190,14 +191,14 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+def load_tokenizer(source: ModelSource):
     """Load the tokenizer of a model source."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
     with _hub_errors(source):
         tokenizer = AutoTokenizer.from_pretrained(
-            source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code,
+            source.path, gguf_file=source.gguf_file, trust_remote_code=False,
             local_files_only=_offline(source),
         )
     if source.kind == "gguf":
@@ -206,21 +207,21 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(source: ModelSource, trust_remote_code: bool = False, dtype: str = "float32"):
+def load_model(source: ModelSource, dtype: str = "float32"):
     """Load a causal LM in torch on the CPU, ready to save or to run."""
     import torch
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     kwargs = dict(
-        dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+        dtype=getattr(torch, dtype), trust_remote_code=False,
         local_files_only=_offline(source),
     )
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
     elif source.pickle:  # allowed by the user; never unpickle arbitrary objects
         kwargs.update(use_safetensors=False, weights_only=True)
-    elif Path(source.path).is_dir() and not trust_remote_code:
+    elif Path(source.path).is_dir():
         with _hub_errors(source):
             return load_folder_model(Path(source.path), dtype)
     else:
@@ -323,6 +324,19 @@ def source_family(source: ModelSource):
     if not isinstance(config, dict):
         raise UserError(f"model {name}: {config_path} is not a JSON object: fix config.json")
     return family_of(config, name), config
+
+
+def context_length(source: ModelSource, config: dict | None) -> int | None:
+    """The positions a model was trained for: config.json's max_position_embeddings, or a
+    GGUF's {arch}.context_length; None where neither says."""
+    if source.kind == "gguf":
+        meta = gguf_metadata(Path(source.path) / source.gguf_file, ("general.architecture",))
+        arch = meta.get("general.architecture")
+        found = gguf_metadata(Path(source.path) / source.gguf_file, (f"{arch}.context_length",))
+        value = found.get(f"{arch}.context_length")
+    else:
+        value = (config or {}).get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def check_loading_info(info: dict, name) -> None:

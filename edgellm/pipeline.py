@@ -77,12 +77,16 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     text, text_sha = read_text(text_path)
     _check_text_length(text, recipe.eval.ctx, text_path)
     if any(v.export.imatrix or v.compress for v in recipe.variant):
-        read_text(resolve_text(recipe.calibration.text))
+        calibration_path = resolve_text(recipe.calibration.text)
+        if read_text(calibration_path)[1] == text_sha:
+            raise UserError(f"[calibration] text {calibration_path} is the evaluation text: a "
+                            "model tuned on the text it is scored on reads better than it is; "
+                            "calibrate on another text (the default is wikitext-2-valid)")
     check_families(recipe, source)
     check_weights_cover_config(source)
     check_steps(recipe)
     with console.status("reading tokenizer"):
-        tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
+        tokenizer = load_tokenizer(source)
         ids = tokenize(tokenizer, text, recipe.eval.max_tokens)
         bos = source_bos(source, tokenizer)
     token_windows(ids, recipe.eval.ctx, source=str(text_path), bos=bos)
@@ -159,12 +163,24 @@ def check_families(recipe: Recipe, source: ModelSource) -> None:
     """Every variant's export and steps against the model's architecture (edgellm/archs/),
     and its rope scaling against what the exporters handle: refused before any work."""
     family = source_family(source)
+    check_context(recipe.eval.ctx, source, family[1])
     for variant in recipe.variant:
         try:
             check_source_for(source, variant.export.format, [s.method for s in variant.compress],
                              family)
         except UserError as exc:
             raise UserError(f"variant {variant.name}: {exc}") from None
+
+
+def check_context(ctx: int, source: ModelSource, config: dict | None) -> None:
+    """A window longer than the model was trained for is scored past its positions (rope
+    beyond its range, or an index error): refused, naming the model's length."""
+    from edgellm.models import context_length
+
+    limit = context_length(source, config)
+    if limit and ctx > limit:
+        raise UserError(f"[eval] ctx {ctx} is longer than {source.label or source.path}'s "
+                        f"context of {limit} tokens: use ctx ≤ {limit}")
 
 
 def check_source_for(source: ModelSource, fmt: str, methods: list[str], family=None) -> None:
@@ -243,7 +259,7 @@ def build_reference(source: ModelSource, recipe: Recipe, tokenizer, folder: Path
         return key
     with console.status(f"loading {source.label or source.path} into torch"), \
             staged_dir(folder) as staging:
-        save_hf_folder(load_model(source, recipe.model.trust_remote_code), tokenizer, source,
+        save_hf_folder(load_model(source), tokenizer, source,
                        staging)
     publish_dir(staging, folder, key, {"name": REFERENCE, "source": source.label,
                                        "source_sha256": source_hash, "steps": [],

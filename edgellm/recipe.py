@@ -30,7 +30,6 @@ class Strict(BaseModel):
 
 class ModelSpec(Strict):
     source: str = "smollm2-135m"
-    trust_remote_code: bool = False
     allow_pickle: bool = False  # read a folder of pickle weights (torch weights_only=True)
 
 

@@ -79,7 +79,7 @@ DEFAULT_WEIGHTS = {"gguf": "f16", "onnx": "f32", "ort": "f32", "mlx": "f16"}  # 
 
 
 def export_model(model: str, to: str, weights: str | None, out: Path, console: Console,
-                 trust_remote_code: bool = False, allow_pickle: bool = False,
+                 allow_pickle: bool = False,
                  force: bool = False) -> Path:
     """Export a model to `out/<name>-<weights>.gguf`, or the folder `out/<name>-<weights>-onnx/`
     (`-ort/`) holding the ONNX (ORT-format) model, its genai_config.json and tokenizer.
@@ -107,7 +107,7 @@ def export_model(model: str, to: str, weights: str | None, out: Path, console: C
     params = count_parameters(source.files())
     check_room([load_need(params), export_need(params, to, weights, [])], out, force)
     prepare_out_dir(out, source)
-    folder = _hf_folder(source, out, console, trust_remote_code)
+    folder = _hf_folder(source, out, console)
     stem = Path(source.gguf_file).stem if source.gguf_file else Path(source.path).name
     # intermediates (the f32 GGUF quantized types start from) are keyed by the source's content
     work = out / "_work" / f"src-{sha256_files(source.files())[:12]}"
@@ -123,7 +123,7 @@ def export_model(model: str, to: str, weights: str | None, out: Path, console: C
     return target
 
 
-def _hf_folder(source: ModelSource, out: Path, console: Console, trust_remote_code: bool) -> Path:
+def _hf_folder(source: ModelSource, out: Path, console: Console) -> Path:
     """An HF folder for the exporter: the source itself, or a saved safetensors copy of a
     GGUF source or of pickle weights."""
     if source.kind == "hf" and not source.pickle:
@@ -137,14 +137,13 @@ def _hf_folder(source: ModelSource, out: Path, console: Console, trust_remote_co
             else "loading the pickle weights into torch"
         with console.status(what), \
                 staged_dir(folder) as staging:
-            save_hf_folder(load_model(source, trust_remote_code),
-                           load_tokenizer(source, trust_remote_code), source, staging)
+            save_hf_folder(load_model(source), load_tokenizer(source), source, staging)
         publish_dir(staging, folder, key, {"source": source.label})
     return folder
 
 
 def compress_model(model: str, method: str, settings: list[str], calibration, out: Path,
-                   console: Console, trust_remote_code: bool = False, allow_pickle: bool = False,
+                   console: Console, allow_pickle: bool = False,
                    force: bool = False) -> Path | None:
     """Apply one compression method to a model and write the result as an HF folder
     `out/<name>-<method>/`; `settings` are `key=value` method options (TOML values).
@@ -173,7 +172,7 @@ def compress_model(model: str, method: str, settings: list[str], calibration, ou
     params = count_parameters(source.files())
     check_room([load_need(params), export_need(params, "torch", "f32", [method])], out, force)
     prepare_out_dir(out, source)
-    folder = _hf_folder(source, out, console, trust_remote_code)
+    folder = _hf_folder(source, out, console)
     target = out / f"{_stem(source)}-{method}"
     context = Context(calibration=calibration, console=console, work=out / "_work",
                       resume=_resume_dir(out, target, folder, step, calibration))

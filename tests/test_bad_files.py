@@ -164,3 +164,29 @@ def test_compare_markdown_into_a_folder_or_a_missing_one_is_refused(tmp_path, ta
     result = run_cli("compare", tmp_path, tmp_path, "--markdown", target.format(tmp=tmp_path))
     assert_clean_failure(result, message)
     assert sorted(os.listdir(tmp_path)) == ["report.json"]
+
+
+@pytest.mark.parametrize("tables, message", [
+    ('[eval]\nctx = 1024\nmax_tokens = 4096\n', "context of 512 tokens"),
+    ('[eval]\nctx = 64\nmax_tokens = 256\ntext = "wikitext-2-valid"\n'
+     '[calibration]\ntext = "{valid}"\n', "is the evaluation text"),
+    ('[eval]\nctx = 64\nmax_tokens = 256\n', "model.trust_remote_code"),
+], ids=["window past the model's context", "calibration on the eval text", "trust_remote_code"])
+def test_a_recipe_that_would_measure_something_else_is_refused(tmp_path, tiny_llama, tables, message):
+    from conftest import shared_text
+
+    model = f'[model]\nsource = "{tiny_llama}"\n'
+    if "trust_remote_code" in message:
+        model += "trust_remote_code = true\n"
+    variant = ('[[variant]]\nname = "g"\ncompress = [{ method = "gptq" }]\n'
+               'export = { format = "gguf", weights = "q4_0" }\n')
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(model + tables.format(valid=shared_text("wikitext-2-valid.txt")) + variant)
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli("run", recipe, "--out", out), message, out)
+
+
+@pytest.mark.parametrize("command", ["export", "compress"])
+def test_there_is_no_trust_remote_code_option(tiny_llama, command, tmp_path):
+    result = run_cli(command, tiny_llama, "--trust-remote-code", "--out", tmp_path / "out")
+    assert_clean_failure(result, "No such option: --trust-remote-code", tmp_path / "out")
