@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,13 +69,30 @@ def staging_dir(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial")
 
 
+STAGING_MARKER = ".edgellm-staging"  # inside every staging folder edgellm makes
+TEMP_FILE = re.compile(r"^\..+\.tmp-\d+$")  # temp_name's pattern
+
+
 def fresh_staging_dir(final: Path) -> Path:
-    """An empty staging folder for `final`, clearing what a killed run left there."""
+    """An empty staging folder for `final` holding edgellm's marker, clearing what a killed
+    run left there (only a folder of the staging name that carries the marker)."""
     staging = staging_dir(final)
-    if staging.exists():
-        shutil.rmtree(staging)
+    if staging.is_symlink():
+        staging.unlink()
+    elif staging.exists():
+        _remove_owned(staging)
     staging.mkdir(parents=True)
+    (staging / STAGING_MARKER).write_text(str(os.getpid()))
     return staging
+
+
+def _remove_owned(staging: Path) -> None:
+    from edgellm.errors import UserError
+
+    if not (staging / STAGING_MARKER).is_file():
+        raise UserError(f"{staging} is in the way of edgellm's staging folder but edgellm did not "
+                        "make it (no marker): move or remove it")
+    shutil.rmtree(staging)
 
 
 @contextmanager
@@ -90,14 +108,29 @@ def staged_dir(final: Path):
 
 def publish_dir(staging: Path, final: Path, key: str, record: dict) -> None:
     """Write the manifest (last), then move the staging folder into place."""
+    (staging / STAGING_MARKER).unlink(missing_ok=True)
     files = {
         str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(staging.rglob("*")) if p.is_file()
     }
     write_json_atomic(staging / MANIFEST, {"key": key, "files": files, **record})
+    check_replaceable(final)
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
+
+
+def check_replaceable(final: Path) -> None:
+    """edgellm replaces a folder only where it published one (its manifest is there): a
+    symlink, a file or a folder of someone else's in the way is an error naming it."""
+    from edgellm.errors import UserError
+
+    if final.is_symlink():
+        raise UserError(f"{final} is a symlink: edgellm never writes through one; remove it or "
+                        "choose another --out")
+    if final.exists() and not (final.is_dir() and (final / MANIFEST).is_file()):
+        raise UserError(f"{final} is in the way and edgellm did not make it (no manifest): move "
+                        "or remove it, or choose another --out")
 
 
 def read_json(path: Path) -> dict | None:
@@ -130,24 +163,41 @@ def trusted(folder: Path, key: str) -> bool:
 
 
 def clear_leftovers(out: Path) -> list[Path]:
-    """Remove what killed runs left under `out`: staging folders (`.<name>.partial`) and
-    temporary files (`.<name>.tmp-<pid>`). Call it only while holding the folder's lock,
-    when no other run can be writing them. A leftover that is a symlink is unlinked, never
-    followed (its target stays as it is). Returns what it removed."""
-    removed = []
-    for path in sorted(Path(out).rglob(".*"), key=lambda p: len(p.parts)):
-        if not (path.name.endswith(".partial") or ".tmp-" in path.name):
-            continue
-        if path.is_symlink():
-            path.unlink()
-        elif not path.exists():  # inside a folder removed just before
-            continue
-        elif path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-        removed.append(path)
+    """Remove what killed runs left under `out`: staging folders (`.<name>.partial` holding
+    edgellm's marker) and temporary files (`.<name>.tmp-<pid>`). Call it only while holding
+    the folder's lock, when no other run can be writing them. Only edgellm's own places are
+    searched: `out` itself, `_work/`, and folders edgellm published (a manifest) or staged
+    (the marker); never a folder holding another run's lock, never through a symlink. A
+    leftover that is a symlink is unlinked, never followed. Returns what it removed."""
+    removed: list[Path] = []
+    _clear_in(Path(out), removed, top=True)
     return removed
+
+
+def _clear_in(folder: Path, removed: list[Path], top: bool = False) -> None:
+    for path in sorted(folder.iterdir()):
+        if path.is_symlink():
+            if path.name.endswith(".partial") or TEMP_FILE.match(path.name):
+                path.unlink()
+                removed.append(path)
+        elif path.is_dir():
+            if path.name.endswith(".partial") and path.name.startswith("."):
+                if (path / STAGING_MARKER).is_file():
+                    shutil.rmtree(path)
+                    removed.append(path)
+            elif _ours(path, top):
+                _clear_in(path, removed)
+        elif TEMP_FILE.match(path.name):
+            path.unlink()
+            removed.append(path)
+
+
+def _ours(folder: Path, top: bool) -> bool:
+    """A folder edgellm searches for leftovers: everything under its work folder, and the
+    folders it published (a manifest); never another run's output folder (its own lock)."""
+    if os.path.lexists(folder / LOCK):
+        return False
+    return not top or folder.name == "_work" or (folder / MANIFEST).is_file()
 
 
 def dir_size(folder: Path, suffixes: tuple[str, ...] | None = None) -> int:

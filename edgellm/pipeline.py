@@ -20,6 +20,7 @@ from edgellm.artifacts import (
     MANIFEST,
     atomic_path,
     check_lock,
+    check_replaceable,
     clear_leftovers,
     lock_out_dir,
     publish_dir,
@@ -72,6 +73,8 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     out = Path(out)
     source = resolve_source(recipe.model.source, recipe.model.allow_pickle)
     check_out_dir(out, source)
+    for name in [REFERENCE, *(v.name for v in recipe.variant)]:
+        check_replaceable(out / name)
     # the cheap checks first (texts need no torch), then the model's, then step/export pairs
     text_path = resolve_text(recipe.eval.text)
     text, text_sha = read_text(text_path)

@@ -3,6 +3,7 @@
 import pytest
 
 from edgellm.artifacts import (
+    STAGING_MARKER,
     atomic_path,
     clear_leftovers,
     fresh_staging_dir,
@@ -57,19 +58,35 @@ def test_a_manifest_without_hashes_is_not_trusted(tmp_path):
 
 
 def test_clear_leftovers_removes_staging_and_temp_files_only(tmp_path):
-    (tmp_path / ".f16.partial" / "sub").mkdir(parents=True)
-    (tmp_path / "_work" / "steps" / ".gptq-abc.partial").mkdir(parents=True)
+    for staging in (tmp_path / ".f16.partial", tmp_path / "_work" / "steps" / ".gptq-abc.partial"):
+        (staging / "sub").mkdir(parents=True)
+        (staging / STAGING_MARKER).write_text("1")
     (tmp_path / ".report.json.tmp-4242").write_text("{")
     (tmp_path / "_work" / ".eval-ids-1.npy.tmp-77").write_bytes(b"x")
     keep = [tmp_path / "f16" / "model.gguf", tmp_path / "_work" / "steps" / "distill-1.resume" / "a",
-            tmp_path / ".edgellm.lock", tmp_path / "report.json"]
+            tmp_path / ".edgellm.lock", tmp_path / "report.json",
+            tmp_path / ".mine.partial" / "a",  # no marker: not edgellm's
+            tmp_path / "notes" / ".draft.tmp-1",  # a folder of the user's, not edgellm's
+            tmp_path / ".report.json.tmp-x"]  # not temp_name's pattern
     for path in keep:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
     removed = clear_leftovers(tmp_path)
     assert len(removed) == 4
     assert all(path.exists() for path in keep)
-    assert not any(".partial" in p.name or ".tmp-" in p.name for p in tmp_path.rglob("*"))
+
+
+def test_clear_leftovers_leaves_a_nested_runs_folder_alone(tmp_path):
+    """--out at a folder that holds another run's output folder: that run's staging and
+    temporary files are its own (it may be writing them now)."""
+    inner = tmp_path / "_work" / "other-run"  # even inside edgellm's work folder
+    staging = inner / ".f16.partial"
+    staging.mkdir(parents=True)
+    (staging / STAGING_MARKER).write_text("1")
+    (inner / ".edgellm.lock").write_text("1")
+    (inner / ".report.json.tmp-9").write_text("{")
+    assert clear_leftovers(tmp_path) == []
+    assert staging.is_dir() and (inner / ".report.json.tmp-9").is_file()
 
 
 def test_unpublished_staging_is_never_trusted(tmp_path):
@@ -78,7 +95,18 @@ def test_unpublished_staging_is_never_trusted(tmp_path):
     (staging / "model.gguf").write_bytes(b"partial")
     assert not trusted(final, "key")
     fresh_staging_dir(final)  # a rerun clears what the killed run left
-    assert list(staging.iterdir()) == []
+    assert [p.name for p in staging.iterdir()] == [STAGING_MARKER]
+
+
+def test_a_folder_in_the_way_of_staging_that_edgellm_did_not_make_is_kept(tmp_path):
+    from edgellm.errors import UserError
+
+    theirs = tmp_path / ".variant.partial"
+    theirs.mkdir()
+    (theirs / "data").write_text("theirs")
+    with pytest.raises(UserError, match="did not make it"):
+        fresh_staging_dir(tmp_path / "variant")
+    assert (theirs / "data").read_text() == "theirs"
 
 
 def test_content_hash_changes_with_content(tmp_path):

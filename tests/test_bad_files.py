@@ -190,3 +190,28 @@ def test_a_recipe_that_would_measure_something_else_is_refused(tmp_path, tiny_ll
 def test_there_is_no_trust_remote_code_option(tiny_llama, command, tmp_path):
     result = run_cli(command, tiny_llama, "--trust-remote-code", "--out", tmp_path / "out")
     assert_clean_failure(result, "No such option: --trust-remote-code", tmp_path / "out")
+
+
+@pytest.mark.parametrize("in_the_way, message", [("symlink", "is a symlink"),
+                                                 ("folder", "edgellm did not make it"),
+                                                 ("file", "edgellm did not make it")])
+def test_a_variant_folder_edgellm_did_not_make_is_refused_and_kept(tmp_path, tiny_llama,
+                                                                   in_the_way, message):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep me")
+    if in_the_way == "symlink":
+        (out / "f16").symlink_to(elsewhere, target_is_directory=True)
+    elif in_the_way == "folder":
+        (out / "f16").mkdir()
+        (out / "f16" / "keep.txt").write_text("keep me")
+    else:
+        (out / "f16").write_text("keep me")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'[model]\nsource = "{tiny_llama}"\n[eval]\nctx = 64\nmax_tokens = 256\n'
+                      '[[variant]]\nname = "f16"\nexport = { format = "gguf", weights = "f16" }\n')
+    result = run_cli("run", recipe, "--out", out)
+    assert_clean_failure(result, message)
+    assert sorted(p.name for p in out.iterdir()) == ["f16"]
+    assert (elsewhere / "keep.txt").read_text() == "keep me"
