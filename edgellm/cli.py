@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import sys
@@ -128,6 +129,10 @@ def export(
     if ollama and to != "gguf":
         raise UserError(f"--ollama needs --to gguf (Ollama runs GGUF files), not --to {to}")
     auto = max_size_mb is not None or max_ppl_increase_pct is not None
+    for option, value in (("--max-size-mb", max_size_mb),
+                          ("--max-ppl-increase-pct", max_ppl_increase_pct)):
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"{option} {value} is not a finite number: give a budget such as 100")
     if auto and (to != "gguf" or weights):
         raise UserError("--max-size-mb/--max-ppl-increase-pct choose the GGUF type: use them "
                         "with --to gguf and without --weights")

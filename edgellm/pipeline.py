@@ -93,6 +93,7 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
         ids = tokenize(tokenizer, text, recipe.eval.max_tokens)
         bos = source_bos(source, tokenizer)
     token_windows(ids, recipe.eval.ctx, source=str(text_path), bos=bos)
+    check_calibration_length(recipe, tokenizer, bos)
     check_room(recipe_needs(recipe, source, out), out, force)
     prepare_out_dir(out, source)  # only now, so bad input leaves nothing behind
     reference_key = build_reference(source, recipe, tokenizer, out / REFERENCE, console)
@@ -173,6 +174,24 @@ def check_families(recipe: Recipe, source: ModelSource) -> None:
                              family)
         except UserError as exc:
             raise UserError(f"variant {variant.name}: {exc}") from None
+
+
+def check_calibration_length(recipe: Recipe, tokenizer, bos: int | None) -> None:
+    """The calibration text holds the windows every step that reads it asks for (a step's
+    own `samples`, else [calibration].samples), counted with the model's tokenizer now
+    rather than after the reference is built."""
+    cal = recipe.calibration
+    wanted = [cal.samples for v in recipe.variant if v.export.imatrix]
+    wanted += [step.model_dump().get("samples") or cal.samples
+               for v in recipe.variant for step in v.compress]
+    if not wanted:
+        return
+    path = resolve_text(cal.text)
+    need = max(wanted) * (cal.seqlen - 1 if bos is not None else cal.seqlen)
+    have = len(tokenize(tokenizer, read_text(path)[0], need))
+    if have < need:
+        raise UserError(f"calibration text {path} has {have} tokens, fewer than samples × seqlen = "
+                        f"{max(wanted)} × {cal.seqlen}: lower samples/seqlen or use a longer text")
 
 
 def check_context(ctx: int, source: ModelSource, config: dict | None) -> None:

@@ -215,3 +215,25 @@ def test_a_variant_folder_edgellm_did_not_make_is_refused_and_kept(tmp_path, tin
     assert_clean_failure(result, message)
     assert sorted(p.name for p in out.iterdir()) == ["f16"]
     assert (elsewhere / "keep.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("step", ['{ method = "gptq", samples = 20000 }',
+                                  '{ method = "wanda", sparsity = 0.5 }'])
+def test_calibration_shorter_than_a_step_asks_is_refused_before_the_reference(tmp_path, tiny_llama,
+                                                                             step):
+    from conftest import shared_text
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'[model]\nsource = "{tiny_llama}"\n[eval]\nctx = 64\nmax_tokens = 256\n'
+                      f'[calibration]\ntext = "{shared_text("wikitext-2-valid.txt")}"\n'
+                      f'samples = {20000 if "wanda" in step else 4}\nseqlen = 64\n'
+                      f'[[variant]]\nname = "v"\ncompress = [{step}]\n'
+                      'export = { format = "gguf", weights = "q4_0" }\n')
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli("run", recipe, "--out", out), "fewer than samples × seqlen", out)
+
+
+@pytest.mark.parametrize("budget", [["--max-ppl-increase-pct", "inf"], ["--max-size-mb", "inf"]])
+def test_a_non_finite_auto_choice_budget_is_refused_before_measuring(tmp_path, tiny_llama, budget):
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli("export", tiny_llama, *budget, "--out", out), "not a finite", out)
