@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from edgellm.artifacts import atomic_path
+from edgellm.children import run_logged
 from edgellm.errors import UserError
 
 # recipe weights → builder precision
@@ -93,9 +93,7 @@ def export_onnx(model_dir: Path, target: Path, export, work: Path) -> Path:
            "-o", str(target), "-p", PRECISIONS[export.weights], "-e", "cpu",
            "-c", str(work / "onnx-builder-cache"),
            "--extra_options", *GRAPH_OPTIONS, *builder_options(export)]
-    with open(log, "w") as handle:
-        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
+    if run_logged(cmd, log) != 0:
         last = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"ONNX export of {model_dir} failed ({last[0][:200]}): see {log}")
     shutil.rmtree(work / "onnx-builder-cache", ignore_errors=True)
@@ -213,9 +211,7 @@ def convert_to_ort(onnx_dir: Path, target: Path, work: Path) -> Path:
     cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort",
            str(onnx_dir / "model.onnx"), "--output_dir", str(target),
            "--optimization_style", "Fixed"]
-    with open(log, "w") as handle:
-        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT)
-    if proc.returncode != 0 or not (target / "model.ort").is_file():
+    if run_logged(cmd, log) != 0 or not (target / "model.ort").is_file():
         raise UserError(f"ORT-format conversion of {onnx_dir} failed: see {log}")
     copy_side_files(onnx_dir, target)
     _point_genai_config_at(target / "genai_config.json", "model.ort")
