@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from edgellm import __version__
 from edgellm.artifacts import (
     MANIFEST,
     atomic_path,
@@ -49,7 +48,7 @@ from edgellm.recipe import REFERENCE, ExportSpec, Recipe, VariantSpec
 from edgellm.report import VariantResult, build_report, model_stats, write_reports
 from edgellm.resources import Need, check_room, count_parameters, export_need, load_need
 from edgellm.source_meta import source_bos
-from edgellm.tools import tool_versions
+from edgellm.tools import BUILD_TOOLS, RUN_TOOLS, STEP_TOOLS, tool_versions
 
 WORK = "_work"
 
@@ -100,8 +99,8 @@ def run_recipe(recipe: Recipe, out: Path, console: Console | None = None,
     eval_input = save_eval_ids(out, ids, text_path, text_sha, bos)
     threads = recipe.eval.threads or default_threads()
     # the reference's next-token distributions, which every variant's KL divergence is from
-    topk_key = sha256_json([reference_key, eval_input.ids_path.name, recipe.eval.ctx, __version__,
-                            TopK.FIELDS, TOP_K, TAIL_SAMPLES])
+    topk_key = sha256_json([reference_key, eval_input.ids_path.name, recipe.eval.ctx,
+                            tool_versions(RUN_TOOLS["torch"]), TopK.FIELDS, TOP_K, TAIL_SAMPLES])
     topk = out / WORK / f"reference-topk-{topk_key[:16]}.npz"
     results = [measure_variant(REFERENCE, ExportSpec(format="torch", weights="f32"), [],
                                out / REFERENCE, reference_key, recipe, eval_input, threads,
@@ -275,7 +274,7 @@ def build_reference(source: ModelSource, recipe: Recipe, tokenizer, folder: Path
                     console: Console) -> str:
     """Save the unmodified model as an HF folder once; its key is the source's content hash."""
     source_hash = sha256_files(source.files())
-    key = sha256_json({"source": source_hash, "edgellm": __version__})
+    key = sha256_json({"source": source_hash, "tools": tool_versions(STEP_TOOLS)})
     if trusted(folder, key):
         console.print(f"[dim]reference: up to date in {folder}[/dim]")
         return key
@@ -308,7 +307,8 @@ def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: 
 
     # defaults included: a changed default must rebuild what it would change
     spec = variant.model_dump(exclude={"name"})
-    inputs = {"reference": reference_key, "spec": spec, "edgellm": __version__}
+    inputs = {"reference": reference_key, "spec": spec,
+              "tools": tool_versions(BUILD_TOOLS[variant.export.format])}
     if variant.export.imatrix or variant.compress:  # only variants that read calibration text
         inputs["calibration"] = calibration.model_dump()
     key = sha256_json(inputs)
@@ -352,7 +352,7 @@ def measure_variant(name: str, export: ExportSpec, steps: list[str], folder: Pat
                                "ctx": spec.ctx, "decode": spec.decode_tokens,
                                "threads": threads, "provider": spec.provider,
                                "topk": (topk_write or topk_read or Path()).name,
-                               "edgellm": __version__})
+                               "tools": tool_versions(RUN_TOOLS[export.format])})
     cached = read_json(folder / "measurement.json")
     if cached and cached.get("key") == measure_key and not remeasure:
         console.print(f"[dim]{name}: measurement reused[/dim]")
@@ -376,7 +376,7 @@ def build_step(step: dict, model_dir: Path, model_key: str, out: Path, export: E
 
     context = Context(calibration=calibration, export=export, console=console,
                       work=out / WORK, teacher=out / REFERENCE)
-    key = sha256_json({"input": model_key, "edgellm": __version__,
+    key = sha256_json({"input": model_key, "tools": tool_versions(STEP_TOOLS),
                        **step_identity(step, context)})
     folder = out / WORK / "steps" / f"{step['method']}-{key[:12]}"
     context.resume = folder.with_name(folder.name + ".resume")

@@ -21,6 +21,7 @@ from edgellm.models import (
 )
 from edgellm.report import artifact_size
 from edgellm.resources import check_room, count_parameters, export_need, load_need
+from edgellm.tools import STEP_TOOLS, tool_versions
 
 
 def eval_artifact(artifact: str, text: str, ctx: int, max_tokens: int | None,
@@ -130,7 +131,7 @@ def _hf_folder(source: ModelSource, out: Path, console: Console) -> Path:
         return Path(source.path)
     from edgellm.artifacts import publish_dir, staged_dir, trusted
 
-    key = sha256_json({"source": sha256_files(source.files())})
+    key = sha256_json({"source": sha256_files(source.files()), "tools": tool_versions(STEP_TOOLS)})
     folder = out / "_work" / f"hf-{key[:12]}"
     if not trusted(folder, key):
         what = "loading the GGUF into torch (dequantizing)" if source.kind == "gguf" \

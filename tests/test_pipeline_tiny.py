@@ -85,3 +85,36 @@ def test_report_command_regenerates_md_and_html(tiny_run):
     result = run_cli("report", out)
     assert result.returncode == 0, result.stderr
     assert (out / "report.md").read_text().startswith("# edgellm report")
+
+
+def test_a_changed_tool_version_rebuilds_exactly_what_it_touches(tiny_llama, tmp_path, monkeypatch):
+    """Build and measurement keys hold the versions of the tools that write and run each
+    artifact: a new llama-cpp-python rebuilds and remeasures the GGUF, not the ONNX model
+    or the reference."""
+    from rich.console import Console
+
+    from edgellm import tools
+    from edgellm.pipeline import run_recipe
+    from edgellm.recipe import load_recipe
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'[model]\nsource = "{tiny_llama}"\n[eval]\nmax_tokens = 256\nctx = 64\n'
+                      'decode_tokens = 4\nthreads = 1\n[[variant]]\nname = "f16"\n'
+                      'export = { format = "gguf", weights = "f16" }\n[[variant]]\nname = "onnx"\n'
+                      'export = { format = "onnx", weights = "f32" }\n')
+    spec, out = load_recipe(recipe), tmp_path / "out"
+    run_recipe(spec, out, Console(record=True, width=200))
+    from edgellm.export.llama_converter import ENV, converter_dir
+
+    monkeypatch.setenv(ENV, str(converter_dir()))  # the installed one, whatever version is reported
+    installed = tools.metadata.version
+    monkeypatch.setattr(tools.metadata, "version", lambda package: "99.0" if package ==
+                        "llama-cpp-python" else installed(package))
+    console = Console(record=True, width=200)
+    run_recipe(spec, out, console)
+    text = console.export_text()
+    assert "f16: built" in text and "f16: measuring" in text
+    assert "onnx: up to date" in text and "onnx: measurement reused" in text
+    assert "reference: up to date" in text and "reference: measurement reused" in text
+    manifest = json.loads((out / "f16" / "manifest.json").read_text())
+    assert manifest["tools"]["llama-cpp-python"] == "99.0"
