@@ -25,8 +25,8 @@ from rich.console import Console
 
 def child(model_dir: str, dest: str, grid: str, samples: int, seqlen: int) -> None:
     from edgellm.compress import Context, apply_step
-    from edgellm.evaluate import peak_rss_mb
     from edgellm.recipe import CalibrationSpec
+    from edgellm.runtimes.protocol import peak_rss_mb
 
     calibration = CalibrationSpec(samples=samples, seqlen=seqlen)
     start = time.perf_counter()

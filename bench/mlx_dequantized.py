@@ -51,8 +51,8 @@ def torch_model(reference: Path, state: dict | None = None):
 @torch.inference_mode()
 def perplexity(model, ids: np.ndarray, ctx: int = 512) -> float:
     from edgellm.data import token_windows
-    from edgellm.evaluate import perplexity as ppl
     from edgellm.runtimes import nll_of_targets
+    from edgellm.runtimes.protocol import perplexity as ppl
 
     total, count = 0.0, 0
     for window in token_windows(ids, ctx):

@@ -3,7 +3,7 @@
     python bench/run.py [RECIPE.toml] [--out bench-out] [--threads N]
 
 Timings vary with the machine and its load, so they live here, never in a test. Each
-variant is measured in its own process (see edgellm.evaluate); --remeasure is implied.
+variant is measured in its own process (see edgellm.runtimes.protocol); --remeasure is implied.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ before it produce; hooks accumulate the Hessian of every linear layer's inputs (
 the same input share one), the shared solver rounds each weight matrix onto the grid of
 the format it will be written in, and the layer's outputs for the next layer are
 recomputed with the quantized weights. The result is a standard GPTQ checkpoint folder
-(compress/gptq_format.py) whose integers the GGUF and ONNX exporters store as they are.
+(edgellm/gptq_checkpoint.py) whose integers the GGUF and ONNX exporters store as they are.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgellm.compress.gptq_format import PackedLinear, to_checkpoint
-from edgellm.compress.grids import GGUF_GRIDS, Grid, dequantize, grid_for_export, standalone_grid
 from edgellm.compress.hessians import collect_hessians, linear_layers, sharing_groups
 from edgellm.compress.solver import SHRINKS, gptq_quantize
 from edgellm.errors import UserError
+from edgellm.gptq_checkpoint import PackedLinear, to_checkpoint
+from edgellm.grids import GGUF_GRIDS, Grid, dequantize, grid_for_export, standalone_grid
 
 
 class Options(BaseModel):

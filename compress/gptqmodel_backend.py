@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from edgellm.compress.grids import Grid
 from edgellm.errors import UserError
+from edgellm.grids import Grid
 
 NATIVE_HINT = "leave `backend` out to use edgellm's own solver, which runs on CPU"
 
@@ -68,8 +68,8 @@ def quantize(source: Path, dest: Path, grid: Grid, options, ids: torch.Tensor, c
 def finish_checkpoint(source: Path, dest: Path, grid: Grid) -> None:
     """Tokenizer files GPTQModel did not copy, `edgellm_grid` in the config, and a read-back
     through edgellm's own reader (it refuses what the exporters could not carry)."""
-    from edgellm.compress.gptq_format import dequantized_state, gptq_config
-    from edgellm.compress.layerwise import copy_side_files
+    from edgellm.gptq_checkpoint import dequantized_state, gptq_config
+    from edgellm.model_folder import copy_side_files
 
     copy_side_files(source, dest, overwrite=False)
     config_path = dest / "config.json"

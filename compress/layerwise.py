@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,9 +21,9 @@ from safetensors.torch import save_file
 
 from edgellm.artifacts import atomic_path
 from edgellm.errors import UserError
+from edgellm.model_folder import INDEX, copy_side_files
 
-INDEX = "model.safetensors.index.json"
-SKIP_FILES = {"manifest.json", "measurement.json", INDEX}
+__all__ = ["copy_side_files"]  # a compression method's output folder gets the side files
 
 
 class TensorStore:
@@ -64,15 +63,6 @@ class ShardWriter:
     def close(self) -> None:
         index = {"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def copy_side_files(source: Path, dest: Path, overwrite: bool = True) -> None:
-    """Config, tokenizer and other small files of an HF folder (not its weights); with
-    `overwrite` False, only those `dest` lacks."""
-    for path in Path(source).iterdir():
-        side = path.is_file() and path.suffix != ".safetensors" and path.name not in SKIP_FILES
-        if side and (overwrite or not (dest / path.name).exists()):
-            shutil.copy2(path, dest / path.name)
 
 
 def load_skeleton(model_dir: Path):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from edgellm.compress.grids import Grid
+from edgellm.grids import Grid
 
 
 class Hessian:

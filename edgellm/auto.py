@@ -34,8 +34,9 @@ def choose_gguf(model: str, out: Path, console: Console, *,
     `out/chosen-gguf-<weights>.gguf` and return its path and the choice record."""
     from pydantic import ValidationError
 
-    from edgellm.pipeline import run_recipe, write_reports
+    from edgellm.pipeline import run_recipe
     from edgellm.recipe import EvalSpec, ExportSpec, ModelSpec, Recipe, VariantSpec
+    from edgellm.report_file import write_reports
 
     if max_size_mb is None and max_ppl_increase_pct is None:
         raise UserError("auto choice needs a budget: pass --max-size-mb and/or "

@@ -188,8 +188,7 @@ def compress(
 @app.command()
 def report(out: Annotated[Path, typer.Argument(help="Run folder holding report.json.")]):
     """Rewrite report.md and report.html from OUT/report.json."""
-    from edgellm.report import write_reports
-    from edgellm.report_file import load_report
+    from edgellm.report_file import load_report, write_reports
 
     path = out / "report.json" if out.is_dir() else out
     data = load_report(path, rendered=True)

@@ -1,6 +1,8 @@
 """What an HF model folder may hold before edgellm reads it: regular files reached without
-leaving the folder, JSON side files that parse, and safetensors headers that agree with
-their own byte ranges.
+leaving the folder, JSON side files that parse, safetensors headers that agree with their
+own byte ranges, and weights that fill the architecture of config.json with the shapes it
+implies (`check_shapes`, `check_loading_info`); and which of its files travel with a
+derived folder (`copy_side_files`).
 
 Each check names the file and the fix in one line (UserError), so a broken folder is
 refused before any work instead of failing inside transformers, the converter or a
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from edgellm.errors import UserError
 # side files edgellm, transformers or llama.cpp's converter parse as JSON objects
 JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "generation_config.json", "model.safetensors.index.json", "added_tokens.json")
+INDEX = "model.safetensors.index.json"
+SKIP_FILES = {"manifest.json", "measurement.json", INDEX}  # edgellm's records, the shard index
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -91,11 +96,14 @@ def check_json_files(folder: Path) -> None:
                             "save it again")
 
 
+def corrupt_safetensors(path: Path, why: str) -> UserError:
+    return UserError(f"model file {path} is truncated or corrupt ({why}): "
+                     "download or save the model again")
+
+
 def check_tensor_extents(path: Path, header: dict) -> None:
     """Every tensor of a safetensors header: a known dtype, a shape of whole numbers, and
     dtype size × elements = the bytes its data_offsets span."""
-    from edgellm.models import corrupt_safetensors
-
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -110,3 +118,91 @@ def check_tensor_extents(path: Path, header: dict) -> None:
         if end - start != expected:
             raise corrupt_safetensors(path, f"tensor {name} is {dtype} {shape}: {expected} bytes, "
                                             f"but its data spans {end - start}")
+
+
+def copy_side_files(source: Path, dest: Path, overwrite: bool = True) -> None:
+    """Config, tokenizer and other small files of an HF folder (not its weights, not
+    edgellm's records); with `overwrite` False, only those `dest` lacks."""
+    for path in Path(source).iterdir():
+        side = path.is_file() and path.suffix != ".safetensors" and path.name not in SKIP_FILES
+        if side and (overwrite or not (dest / path.name).exists()):
+            shutil.copy2(path, dest / path.name)
+
+
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
+
+
+def header_bytes(path: Path) -> int:
+    import struct
+
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+    return struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file (tensor names, dtypes, shapes, offsets), read
+    with its length bounded by the file's size."""
+    def corrupt(why: str) -> UserError:
+        return corrupt_safetensors(path, why)
+
+    length = header_bytes(path)
+    if length < 0:
+        raise corrupt("no header")
+    if length > min(MAX_SAFETENSORS_HEADER, path.stat().st_size - 8):
+        raise corrupt(f"header claims {length} bytes")
+    with open(path, "rb") as handle:
+        handle.seek(8)
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError):
+            raise corrupt("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    return header
+
+
+def check_safetensors_header(path: Path) -> None:
+    """Refuse a truncated or corrupt .safetensors file from its header alone, before a
+    loader maps it: the header must be JSON of a sane length, and every tensor's byte
+    range must lie inside the file."""
+    header = safetensors_header(path)
+    data_bytes = path.stat().st_size - 8 - header_bytes(path)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise corrupt_safetensors(path, f"tensor {name} has no valid data_offsets")
+        if offsets[1] > data_bytes:
+            raise corrupt_safetensors(path, f"tensor {name} ends at byte {offsets[1]}, the data "
+                                            f"holds {data_bytes}")
+    from edgellm.model_folder import check_tensor_extents
+
+    check_tensor_extents(path, header)
+
+
+def check_shapes(expected: dict[str, list[int]], stored: dict[str, list[int]], folder: Path) -> None:
+    """Every stored tensor the architecture uses has the shape its config.json implies: a
+    config whose hidden_size (or head or layer counts) disagrees with the weights would
+    otherwise export a GGUF llama.cpp cannot load."""
+    for name in sorted(set(expected) & set(stored)):
+        if stored[name] != expected[name]:
+            raise UserError(f"model folder {folder}: tensor {name} is {stored[name]} but config.json "
+                            f"implies {expected[name]}: the config and the weights do not belong "
+                            "together; fix config.json")
+
+
+def check_loading_info(info: dict, name) -> None:
+    """Refuse a model whose weight files do not fill the architecture its config names
+    (transformers would run the missing tensors at their random initial values)."""
+    missing = info.get("missing_keys") or []
+    if missing:
+        listed = ", ".join(sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
+        raise UserError(f"model {name}: its weights lack {len(missing)} tensor(s) the "
+                        f"architecture in config.json needs ({listed}): the config and weights "
+                        "do not belong together; fix config.json or pass the right folder")
+
+
+# config.json key of a torch export with weights "int8": quantize when the runtime loads it

@@ -20,6 +20,12 @@ from pathlib import Path
 from edgellm.builtin_models import BUILTIN_MODELS, builtin_gguf_path
 from edgellm.errors import UserError
 from edgellm.gguf_bounds import check_gguf_layout
+from edgellm.model_folder import (
+    check_loading_info,
+    check_safetensors_header,
+    check_shapes,
+    safetensors_header,
+)
 
 
 @dataclass(frozen=True)
@@ -100,65 +106,6 @@ def _hf_folder_source(folder: Path, allow_pickle: bool = False) -> ModelSource:
     sys.stderr.write(f"warning: reading pickle weights from {folder} (--allow-pickle; "
                      "torch.load with weights_only=True); edgellm saves them as safetensors\n")
     return ModelSource("hf", str(folder.resolve()), label=str(folder), pickle=True)
-
-
-MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
-
-
-def header_bytes(path: Path) -> int:
-    import struct
-
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-    return struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-
-
-def corrupt_safetensors(path: Path, why: str) -> UserError:
-    return UserError(f"model file {path} is truncated or corrupt ({why}): "
-                     "download or save the model again")
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a .safetensors file (tensor names, dtypes, shapes, offsets), read
-    with its length bounded by the file's size."""
-    def corrupt(why: str) -> UserError:
-        return corrupt_safetensors(path, why)
-
-    length = header_bytes(path)
-    if length < 0:
-        raise corrupt("no header")
-    if length > min(MAX_SAFETENSORS_HEADER, path.stat().st_size - 8):
-        raise corrupt(f"header claims {length} bytes")
-    with open(path, "rb") as handle:
-        handle.seek(8)
-        try:
-            header = json.loads(handle.read(length))
-        except (ValueError, UnicodeDecodeError):
-            raise corrupt("header is not JSON") from None
-    if not isinstance(header, dict):
-        raise corrupt("header is not a JSON object")
-    return header
-
-
-def check_safetensors_header(path: Path) -> None:
-    """Refuse a truncated or corrupt .safetensors file from its header alone, before a
-    loader maps it: the header must be JSON of a sane length, and every tensor's byte
-    range must lie inside the file."""
-    header = safetensors_header(path)
-    data_bytes = path.stat().st_size - 8 - header_bytes(path)
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
-            raise corrupt_safetensors(path, f"tensor {name} has no valid data_offsets")
-        if offsets[1] > data_bytes:
-            raise corrupt_safetensors(path, f"tensor {name} ends at byte {offsets[1]}, the data "
-                                            f"holds {data_bytes}")
-    from edgellm.model_folder import check_tensor_extents
-
-    check_tensor_extents(path, header)
 
 
 def _hub_source(repo_id: str) -> ModelSource:
@@ -244,7 +191,7 @@ def load_folder_model(folder: Path, dtype: str = "float32", runtime_quantization
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgellm.compress.gptq_format import is_gptq_folder, load_dequantized
+    from edgellm.gptq_checkpoint import is_gptq_folder, load_dequantized
 
     quiet_transformers()
     if is_gptq_folder(folder):
@@ -270,7 +217,7 @@ def check_weights_cover_config(source: ModelSource) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from edgellm.compress.gptq_format import is_gptq_folder
+    from edgellm.gptq_checkpoint import is_gptq_folder
 
     if is_gptq_folder(folder):  # packed tensor names; checked by its own reader
         return
@@ -293,17 +240,6 @@ def check_weights_cover_config(source: ModelSource) -> None:
         missing = {name for name in missing if not name.endswith("lm_head.weight")}
     check_loading_info({"missing_keys": sorted(missing)}, folder)
     check_shapes(expected, stored, folder)
-
-
-def check_shapes(expected: dict[str, list[int]], stored: dict[str, list[int]], folder: Path) -> None:
-    """Every stored tensor the architecture uses has the shape its config.json implies: a
-    config whose hidden_size (or head or layer counts) disagrees with the weights would
-    otherwise export a GGUF llama.cpp cannot load."""
-    for name in sorted(set(expected) & set(stored)):
-        if stored[name] != expected[name]:
-            raise UserError(f"model folder {folder}: tensor {name} is {stored[name]} but config.json "
-                            f"implies {expected[name]}: the config and the weights do not belong "
-                            "together; fix config.json")
 
 
 def source_family(source: ModelSource):
@@ -339,18 +275,6 @@ def context_length(source: ModelSource, config: dict | None) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def check_loading_info(info: dict, name) -> None:
-    """Refuse a model whose weight files do not fill the architecture its config names
-    (transformers would run the missing tensors at their random initial values)."""
-    missing = info.get("missing_keys") or []
-    if missing:
-        listed = ", ".join(sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
-        raise UserError(f"model {name}: its weights lack {len(missing)} tensor(s) the "
-                        f"architecture in config.json needs ({listed}): the config and weights "
-                        "do not belong together; fix config.json or pass the right folder")
-
-
-# config.json key of a torch export with weights "int8": quantize when the runtime loads it
 RUNTIME_QUANT_KEY = "edgellm_runtime_quantization"
 
 

@@ -34,7 +34,6 @@ from edgellm.artifacts import (
 from edgellm.data import read_text, resolve_text, token_windows, tokenize
 from edgellm.divergence import TAIL_SAMPLES, TOP_K, TopK
 from edgellm.errors import UserError
-from edgellm.evaluate import MeasureSpec, default_threads, measure_in_subprocess
 from edgellm.models import (
     ModelSource,
     check_weights_cover_config,
@@ -45,8 +44,10 @@ from edgellm.models import (
     source_family,
 )
 from edgellm.recipe import REFERENCE, ExportSpec, Recipe, VariantSpec
-from edgellm.report import VariantResult, build_report, model_stats, write_reports
+from edgellm.report import VariantResult, build_report, model_stats
+from edgellm.report_file import write_reports
 from edgellm.resources import Need, check_room, count_parameters, export_need, load_need
+from edgellm.runtimes.protocol import MeasureSpec, default_threads, measure_in_subprocess
 from edgellm.source_meta import source_bos
 from edgellm.tools import BUILD_TOOLS, RUN_TOOLS, STEP_TOOLS, tool_versions
 

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from edgellm import __version__
-from edgellm.artifacts import dir_size, write_json_atomic, write_text_atomic
+from edgellm.artifacts import dir_size
 from edgellm.divergence import TAIL_SAMPLES, TOP_K
 from edgellm.recipe import ONNX_ONLY, REFERENCE
 from edgellm.tools import machine_info, tool_versions
@@ -73,11 +73,6 @@ def artifact_size(path: Path) -> int:
     return dir_size(path, WEIGHT_SUFFIXES)
 
 
-def count_parameters(model_dir: Path) -> int:
-    """Parameters of an HF folder's model (a tied lm_head counted once)."""
-    return model_stats(model_dir)["parameters"]
-
-
 def model_stats(model_dir: Path) -> dict:
     """Parameters, and the measured sparsity of the decoder's weight matrices (the fraction
     that is exactly zero; None for a packed GPTQ checkpoint, whose zeros mean nothing)."""
@@ -114,7 +109,7 @@ def _numel(shape) -> int:
 def build_report(recipe, source, eval_input, results: list[VariantResult], out: Path) -> dict:
     from edgellm.bandwidth import copy_bandwidth_gbs, decode_ceiling
 
-    params = count_parameters(out / REFERENCE)
+    params = model_stats(out / REFERENCE)["parameters"]  # a tied lm_head counted once
     reference = next(r for r in results if r.name == REFERENCE)
     ref_ppl, ref_size = reference.measured["ppl"], artifact_size(reference.artifact)
     variants = [_variant_row(r, out, params, ref_ppl, ref_size) for r in results]
@@ -270,13 +265,3 @@ def _choice_lines(report: dict) -> list[str]:
     elif choice:
         lines.append(f"Chosen: none: no candidate meets {choice['budget_text']}.")
     return lines
-
-
-def write_reports(report: dict, out: Path) -> list[Path]:
-    from edgellm.report_html import render_html
-
-    paths = [out / "report.json", out / "report.md", out / "report.html"]
-    write_json_atomic(paths[0], report)
-    write_text_atomic(paths[1], render_markdown(report))
-    write_text_atomic(paths[2], render_html(report))
-    return paths

@@ -1,5 +1,6 @@
-"""Reading a report.json back (gate, compare, report): one line, exit 2, for anything that
-is not a report a run wrote, before a figure of it is used.
+"""A report on disk: written as report.json, report.md and report.html at the end of a run
+(`write_reports`), and read back by gate, compare and report: one line, exit 2, for
+anything that is not a report a run wrote, before a figure of it is used.
 
 A report is a JSON object whose `variants` are objects with distinct printable names and
 whose figures are numbers or null (NaN and infinities pass here: the gate counts them as
@@ -86,3 +87,15 @@ def _check_sections(report: dict, path: Path) -> None:
         if missing:
             raise UserError(f"report {path} lacks {section}.{missing[0]}, which report.md shows "
                             f"(it holds only what the gate reads): {REGENERATE}")
+
+
+def write_reports(report: dict, out: Path) -> list[Path]:
+    from edgellm.artifacts import write_json_atomic, write_text_atomic
+    from edgellm.report import render_markdown
+    from edgellm.report_html import render_html
+
+    paths = [out / "report.json", out / "report.md", out / "report.html"]
+    write_json_atomic(paths[0], report)
+    write_text_atomic(paths[1], render_markdown(report))
+    write_text_atomic(paths[2], render_html(report))
+    return paths

@@ -61,7 +61,7 @@ def count_parameters(model_files: list[Path]) -> int:
 def _safetensors_parameters(path: Path) -> int:
     import math
 
-    from edgellm.models import safetensors_header
+    from edgellm.model_folder import safetensors_header
 
     header = safetensors_header(path)
     return sum(math.prod(info["shape"]) for name, info in header.items() if name != "__metadata__")

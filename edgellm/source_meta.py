@@ -112,10 +112,10 @@ def source_bos(source, tokenizer) -> int | None:
     """The BOS id a source model's text starts with, or None: a GGUF's own
     tokenizer.ggml.add_bos_token, else what the HF folder or tokenizer says."""
     if source.kind == "gguf":
-        from edgellm.models import gguf_metadata
+        from edgellm.gguf_bounds import read_gguf_meta
 
-        flags = gguf_metadata(Path(source.path) / source.gguf_file,
-                              ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.bos_token_id"))
+        flags = read_gguf_meta(Path(source.path) / source.gguf_file).values(
+            ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.bos_token_id"))
         bos = flags.get("tokenizer.ggml.bos_token_id")
         return int(bos) if flags.get("tokenizer.ggml.add_bos_token") and bos is not None else None
     return bos_of_folder(Path(source.path), tokenizer)

@@ -10,7 +10,6 @@ from rich.console import Console
 from edgellm.artifacts import sha256_files, sha256_json
 from edgellm.data import read_text, resolve_text, token_windows, tokenize
 from edgellm.errors import UserError
-from edgellm.evaluate import MeasureSpec, default_threads, measure_in_subprocess
 from edgellm.models import (
     ModelSource,
     check_weights_cover_config,
@@ -21,6 +20,7 @@ from edgellm.models import (
 )
 from edgellm.report import artifact_size
 from edgellm.resources import check_room, count_parameters, export_need, load_need
+from edgellm.runtimes.protocol import MeasureSpec, default_threads, measure_in_subprocess
 from edgellm.tools import STEP_TOOLS, tool_versions
 
 

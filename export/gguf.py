@@ -13,11 +13,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgellm.archs import check_rope, family_of
+from edgellm.archs import check_rope
 from edgellm.artifacts import atomic_path
 from edgellm.errors import UserError
-from edgellm.source_meta import GGUF_VOCAB as VOCAB
-from edgellm.source_meta import SOURCE_META
+from edgellm.export.gguf_float import write_float_gguf
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 # llama.cpp's quantizer file types, by the names llama-quantize uses.
@@ -77,56 +76,6 @@ def check_loads(path: Path, log: Path) -> None:
         raise UserError(f"llama.cpp cannot load the GGUF edgellm wrote from this model ({log} "
                         "says why); nothing was published: please report it with that log")
     llama_cpp.llama_model_free(model)
-
-
-def write_float_gguf(folder: Path, out_path: Path, weights: str, work: Path) -> None:
-    """Convert an HF folder to a float GGUF with llama.cpp's converter (a GPTQ checkpoint is
-    dequantized first, into `work`)."""
-    from edgellm.compress.gptq_format import is_gptq_folder
-    from edgellm.export.llama_converter import convert
-
-    folder = Path(folder)
-    if is_gptq_folder(folder):
-        folder = dequantized_folder(folder, work)
-    config = json.loads((folder / "config.json").read_text())
-    family = family_of(config, str(folder))
-    vocab_path = folder / VOCAB
-    vocab = json.loads(vocab_path.read_text(encoding="utf-8")) if vocab_path.is_file() else None
-    extra = family.gguf_extra(config) if family.gguf_extra else {}
-    with atomic_path(out_path) as tmp:
-        convert(folder, tmp, weights, work, vocab, extra, source_general(folder))
-
-
-def dequantized_folder(folder: Path, work: Path) -> Path:
-    """The float weights a GPTQ checkpoint computes with, saved once as an HF folder."""
-    import shutil
-
-    from edgellm.artifacts import sha256_files
-    from edgellm.compress.gptq_format import load_dequantized
-    from edgellm.compress.layerwise import copy_side_files
-
-    key = sha256_files(sorted(folder.glob("*.safetensors")))[:12]
-    dest = work / f"dequantized-{key}"
-    if (dest / "config.json").is_file():
-        return dest
-    staging = work / f".dequantized-{key}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        load_dequantized(folder).save_pretrained(staging, safe_serialization=True)
-        copy_side_files(folder, staging, overwrite=False)
-        staging.replace(dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return dest
-
-
-def source_general(folder: Path) -> dict:
-    """general.* metadata the source carried (a GGUF's own, or the source's name), which
-    apps such as LM Studio and Ollama show; not the output folder's name."""
-    meta_path = Path(folder) / SOURCE_META
-    if not meta_path.is_file():
-        return {}
-    return json.loads(meta_path.read_text()).get("general") or {}
 
 
 def quantize_gguf(source: Path, out_path: Path, weights: str, threads: int = 0,

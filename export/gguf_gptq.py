@@ -21,8 +21,8 @@ import torch
 from safetensors import safe_open
 
 from edgellm.artifacts import atomic_path
-from edgellm.compress.gptq_format import PackedLinear, gptq_config, read_packed
 from edgellm.errors import UserError
+from edgellm.gptq_checkpoint import PackedLinear, gptq_config, read_packed
 
 # weights → (file type, checkpoint bits, zero point, largest integer)
 GPTQ_BLOCKS = {
@@ -48,7 +48,7 @@ def gguf_blocks_fit(folder: Path, weights: str) -> bool:
 
 
 def write_gptq_gguf(folder: Path, out_path: Path, weights: str, work: Path) -> None:
-    from edgellm.export.gguf import write_float_gguf
+    from edgellm.export.gguf_float import write_float_gguf
 
     source = work / "model-f32.gguf"
     if not source.is_file():

@@ -177,6 +177,7 @@ def _export_dynamic_int8(model_dir: Path, target: Path, export, work: Path) -> P
     export_onnx(model_dir, fp32, export.model_copy(update={"weights": "f32"}), work)
     explicit = "lm_head_bits" in export.model_fields_set and export.lm_head_bits == 8
     quantize_dynamic_int8(fp32, target, quantize_lm_head=explicit)
+    copy_side_files(fp32, target)
     shutil.rmtree(fp32, ignore_errors=True)
     return target
 

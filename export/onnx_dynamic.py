@@ -15,14 +15,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from edgellm.export.onnx import copy_side_files
-
 LM_HEAD = "/lm_head/MatMul"  # the builder's name for the output projection
 
 
 def quantize_dynamic_int8(fp32_dir: Path, target: Path, quantize_lm_head: bool) -> None:
-    """Write `target`/model.onnx (+ .data) from the fp32 export in `fp32_dir`, and the
-    tokenizer and genai config beside it."""
+    """Write `target`/model.onnx (+ .data) from the fp32 export in `fp32_dir` (the caller
+    copies the tokenizer and genai config beside it)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     target.mkdir(parents=True, exist_ok=True)
@@ -36,4 +34,3 @@ def quantize_dynamic_int8(fp32_dir: Path, target: Path, quantize_lm_head: bool) 
                          use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
     finally:
         root.setLevel(level)
-    copy_side_files(fp32_dir, target)

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from edgellm.artifacts import write_json_atomic
 from edgellm.errors import UserError
-from edgellm.evaluate import USER_ERROR_PREFIX, MeasureSpec, measure
+from edgellm.runtimes.protocol import USER_ERROR_PREFIX, MeasureSpec, measure
 
 
 def main(phase: str, spec_path: str, result_path: str) -> int:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import gptq_folder, run_cli, write_tiny_recipe
 
-from edgellm.compress.gptq_format import (
+from edgellm.compress.solver import Hessian, gptq_quantize
+from edgellm.gptq_checkpoint import (
     PackedLinear,
     dequantized_state,
     from_checkpoint,
@@ -16,8 +17,7 @@ from edgellm.compress.gptq_format import (
     to_checkpoint,
     unpack_rows,
 )
-from edgellm.compress.grids import Grid, dequantize
-from edgellm.compress.solver import Hessian, gptq_quantize
+from edgellm.grids import Grid, dequantize
 
 Q4_0 = Grid("q4_0", 4, 32, True)
 

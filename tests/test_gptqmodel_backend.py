@@ -12,8 +12,8 @@ from conftest import run_cli, write_tiny_recipe
 from safetensors.torch import load_file, save_file
 
 from edgellm.compress import gptqmodel_backend
-from edgellm.compress.grids import Grid, gguf_grid
 from edgellm.errors import UserError
+from edgellm.grids import Grid, gguf_grid
 
 OPTIONS = SimpleNamespace(act_order=True, damp=0.01)
 

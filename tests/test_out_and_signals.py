@@ -226,7 +226,7 @@ def test_check_out_dir_refuses_the_model_folder(tmp_path, tiny_llama):
 
 def test_an_interrupted_measure_ends_the_childs_whole_process_group(tmp_path, monkeypatch):
     """What the measuring child started goes with it: the group is killed, not just the child."""
-    from edgellm import evaluate
+    from edgellm.runtimes import protocol as evaluate
 
     fake = tmp_path / "fake-python"  # stands in for `python -m edgellm.runtimes.measure ...`
     fake.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {tmp_path / 'grandchild.pid'}\nwait\n")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgellm.evaluate import perplexity
 from edgellm.runtimes import nll_of_targets, open_runtime, window_nll
+from edgellm.runtimes.protocol import perplexity
 
 
 def test_nll_of_targets_matches_torch_cross_entropy():

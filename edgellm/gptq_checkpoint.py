@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgellm.compress.grids import Grid, dequantize
 from edgellm.errors import UserError
+from edgellm.grids import Grid, dequantize
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
