@@ -66,7 +66,8 @@ def test_kl_divergence_is_zero_for_the_reference_and_orders_the_gguf_types(demo)
 def test_importance_matrix_makes_q4_0_clearly_better(demo):
     _, rows, _, _ = demo
     plain, guided = rows["gguf-q4_0"], rows["gguf-q4_0-imatrix"]
-    assert guided["ppl_delta_pct"] < plain["ppl_delta_pct"] - 5  # 4,096 tokens: +24.4% → +11.6% (16,384: +25.8% → +10.4%)
+    # 4,096 tokens: +24.4% → +11.6% (16,384: +25.8% → +10.4%)
+    assert guided["ppl_delta_pct"] < plain["ppl_delta_pct"] - 5
     assert guided["export"]["imatrix"] is True
     assert abs(guided["size_bytes"] - plain["size_bytes"]) < 0.01 * plain["size_bytes"]
 
