@@ -191,7 +191,7 @@ def report(out: Annotated[Path, typer.Argument(help="Run folder holding report.j
     from edgellm.report_file import load_report, write_reports
 
     path = out / "report.json" if out.is_dir() else out
-    data = load_report(path, rendered=True)
+    data = load_report(path, figures=True, rendered=True)
     for written in write_reports(data, path.parent):
         console.print(f"wrote {written}")
 

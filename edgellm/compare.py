@@ -14,7 +14,7 @@ from edgellm.report_file import load_report
 
 
 def compare_reports(base_path: Path, new_path: Path) -> str:
-    base, new = load_report(base_path), load_report(new_path)
+    base, new = load_report(base_path, figures=True), load_report(new_path, figures=True)
     base_rows = {row["name"]: row for row in base["variants"]}
     new_rows = {row["name"]: row for row in new["variants"]}
     names = list(base_rows) + [n for n in new_rows if n not in base_rows]

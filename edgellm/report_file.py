@@ -2,9 +2,11 @@
 (`write_reports`), and read back by gate, compare and report: one line, exit 2, for
 anything that is not a report a run wrote, before a figure of it is used.
 
-A report is a JSON object whose `variants` are objects with distinct printable names and
-whose figures are numbers or null (NaN and infinities pass here: the gate counts them as
-breaches). `report` also needs the sections report.md describes the run with.
+A report is a JSON object whose `variants` are objects with distinct printable names. For
+compare and report its figures must be numbers or null (NaN and infinities are shown as
+they are); the gate reads figures itself and counts one it cannot trust (missing, not a
+number, not finite) as a breach. `report` also needs the sections report.md describes the
+run with.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ RENDERED = {"model": ("source",),
 REGENERATE = "regenerate it with `edgellm run`"
 
 
-def load_report(path: Path, rendered: bool = False) -> dict:
-    """The report at `path`, checked; with `rendered`, also the sections report.md needs."""
+def load_report(path: Path, figures: bool = False, rendered: bool = False) -> dict:
+    """The report at `path`, checked: with `figures`, each figure a number or null (compare
+    and report print them; the gate instead counts a figure it cannot trust as a breach
+    of the budget that reads it), with `rendered`, also the sections report.md needs."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"report {path} does not exist: run `edgellm run` first or fix the path")
@@ -44,7 +48,7 @@ def load_report(path: Path, rendered: bool = False) -> dict:
     if not isinstance(variants, list) or not variants:
         raise UserError(f"report {path} has no variants: pass the report.json a run wrote")
     _check_names(variants, path)
-    for row in variants:
+    for row in variants if figures else []:
         _check_fields(row, path)
     if rendered:
         _check_sections(report, path)
