@@ -166,8 +166,8 @@ def clear_leftovers(out: Path) -> list[Path]:
     """Remove what killed runs left under `out`: staging folders (`.<name>.partial` holding
     edgellm's marker) and temporary files (`.<name>.tmp-<pid>`). Call it only while holding
     the folder's lock, when no other run can be writing them. Only edgellm's own places are
-    searched: `out` itself, `_work/`, and folders edgellm published (a manifest) or staged
-    (the marker); never a folder holding another run's lock, never through a symlink. A
+    searched: `out` itself, everything under `_work/`, and folders edgellm published (a
+    manifest); never a folder holding another run's lock, never through a symlink. A
     leftover that is a symlink is unlinked, never followed. Returns what it removed."""
     removed: list[Path] = []
     _clear_in(Path(out), removed, top=True)

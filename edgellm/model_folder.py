@@ -12,6 +12,7 @@ Face cache snapshot (`models--org--name/snapshots/<rev>/`), to that repository's
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -56,7 +57,7 @@ def _follow(entry: Path, allowed: list[Path]) -> os.stat_result:
     except RuntimeError:  # Python < 3.13 reports a loop this way
         raise UserError(f"{where} that loops: replace it with the file") from None
     except OSError as exc:
-        what = "that loops" if exc.errno == 40 else f"to {os.readlink(entry)}, which does not exist"
+        what = "that loops" if exc.errno == errno.ELOOP else f"to {os.readlink(entry)}, which does not exist"
         raise UserError(f"{where} {what}: replace it with the file") from None
     if not any(target == base or base in target.parents for base in allowed):
         raise UserError(f"{where} to {target}, outside the folder: copy the file into the "

@@ -266,10 +266,8 @@ def context_length(source: ModelSource, config: dict | None) -> int | None:
     """The positions a model was trained for: config.json's max_position_embeddings, or a
     GGUF's {arch}.context_length; None where neither says."""
     if source.kind == "gguf":
-        meta = gguf_metadata(Path(source.path) / source.gguf_file, ("general.architecture",))
-        arch = meta.get("general.architecture")
-        found = gguf_metadata(Path(source.path) / source.gguf_file, (f"{arch}.context_length",))
-        value = found.get(f"{arch}.context_length")
+        meta = gguf_metadata(Path(source.path) / source.gguf_file, ("",))  # one walk, cached
+        value = meta.get(f"{meta.get('general.architecture')}.context_length")
     else:
         value = (config or {}).get("max_position_embeddings")
     return value if isinstance(value, int) and value > 0 else None
