@@ -50,7 +50,7 @@ def main() -> None:
         return
     os.environ.setdefault("TQDM_DISABLE", "1")
     from edgellm.models import resolve_source
-    from edgellm.pipeline import prepare_out_dir
+    from edgellm.run_checks import prepare_out_dir
     from edgellm.standalone import _hf_folder
 
     console = Console(stderr=True)

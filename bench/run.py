@@ -16,7 +16,7 @@ from rich.console import Console
 
 from edgellm.pipeline import run_recipe
 from edgellm.recipe import builtin_recipe_path, load_recipe
-from edgellm.report import cell
+from edgellm.report_markdown import cell
 
 COLUMNS = [("name", "variant", "{}"), ("size_mb", "size MB", "{:.1f}"),
            ("bits_per_weight", "bpw", "{:.2f}"), ("ppl", "ppl", "{:.3f}"),

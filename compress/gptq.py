@@ -21,7 +21,7 @@ from edgellm.compress.hessians import collect_hessians, linear_layers, sharing_g
 from edgellm.compress.solver import SHRINKS, gptq_quantize
 from edgellm.errors import UserError
 from edgellm.gptq_checkpoint import PackedLinear, to_checkpoint
-from edgellm.grids import GGUF_GRIDS, Grid, dequantize, grid_for_export, standalone_grid
+from edgellm.grids import GRIDS, Grid, dequantize, grid_for_export, standalone_grid
 
 
 class Options(BaseModel):
@@ -46,9 +46,10 @@ def grid_of(options: Options, context) -> Grid:
     else:
         grid = standalone_grid(options.grid, options.bits or 4, options.group_size or 32,
                                options.symmetric)
-    if grid.name == "q4_1":
-        raise UserError("GPTQ onto q4_1 is not offered: its float minimum does not fit a GPTQ "
-                        f"checkpoint; use one of {', '.join(g for g in GGUF_GRIDS if g != 'q4_1')}")
+    if not grid.gptq:
+        offered = ", ".join(name for name, cls in GRIDS.items() if cls.gptq)
+        raise UserError(f"GPTQ onto {grid.label} is not offered: its float minimum does not fit "
+                        f"a GPTQ checkpoint; use one of {offered}")
     return grid
 
 
@@ -112,7 +113,7 @@ def quantize_layer(layer: torch.nn.Module, inputs, grid: Grid, options: Options,
             part = slice(start, start + rows)
             start += rows
             linears[name].weight.data = dequantize(grid, q[part], scale[part], zero[part])
-            packed = PackedLinear(_unsigned(grid, q[part]), scale[part], _unsigned(grid, zero[part]),
+            packed = PackedLinear(grid.stored(q[part]), scale[part], grid.stored(zero[part]),
                                   grid.storage_bits, grid.group)
             for key, tensor in to_checkpoint(packed).items():
                 stored[f"{name}.{key}"] = tensor
@@ -121,12 +122,6 @@ def quantize_layer(layer: torch.nn.Module, inputs, grid: Grid, options: Options,
         if module not in linears or part == "bias":  # biases stay float beside the integers
             stored[name] = tensor
     return stored
-
-
-def _unsigned(grid: Grid, values: torch.Tensor) -> torch.Tensor:
-    """GPTQ checkpoints store unsigned integers: q8_0's −127..127 (and its zero point 0)
-    move up by 128."""
-    return values + 128 if grid.name == "q8_0" else values
 
 
 def write_quant_config(dest: Path, grid: Grid, options: Options) -> None:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+WORK = "_work"  # OUT/_work: token ids and intermediates, shared by the variants of a run
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -197,7 +198,7 @@ def _ours(folder: Path, top: bool) -> bool:
     folders it published (a manifest); never another run's output folder (its own lock)."""
     if os.path.lexists(folder / LOCK):
         return False
-    return not top or folder.name == "_work" or (folder / MANIFEST).is_file()
+    return not top or folder.name == WORK or (folder / MANIFEST).is_file()
 
 
 def dir_size(folder: Path, suffixes: tuple[str, ...] | None = None) -> int:

@@ -34,9 +34,16 @@ def choose_gguf(model: str, out: Path, console: Console, *,
     `out/chosen-gguf-<weights>.gguf` and return its path and the choice record."""
     from pydantic import ValidationError
 
-    from edgellm.pipeline import run_recipe
+    from edgellm.pipeline import (
+        build_in,
+        built_size,
+        measure_built,
+        publish_report,
+        run_report,
+        skip_built,
+        start_run,
+    )
     from edgellm.recipe import EvalSpec, ExportSpec, ModelSpec, Recipe, VariantSpec
-    from edgellm.report_file import write_reports
 
     if max_size_mb is None and max_ppl_increase_pct is None:
         raise UserError("auto choice needs a budget: pass --max-size-mb and/or "
@@ -51,15 +58,18 @@ def choose_gguf(model: str, out: Path, console: Console, *,
         message = exc.errors()[0]["msg"].removeprefix("Value error, ")
         raise UserError(f"--candidates: {message}") from None
 
-    def over_size(name: str, size: int) -> str | None:
+    run = start_run(recipe, out, console, force=force)
+    for variant in recipe.variant:  # every candidate built; those over the size budget not measured
+        key = build_in(run, variant)
+        size = built_size(out / variant.name, variant.export)
         if max_size_mb is not None and size / 1e6 > max_size_mb:
-            return f"{size / 1e6:.1f} MB > budget {max_size_mb:g} MB"
-        return None
-
-    report = run_recipe(recipe, out, console, force=force, measure_if=over_size)
+            skip_built(run, variant, size, f"{size / 1e6:.1f} MB > budget {max_size_mb:g} MB")
+        else:
+            measure_built(run, variant, key)
+    report = run_report(run)
     choice = pick(report["variants"][1:], max_size_mb, max_ppl_increase_pct)
     report["choice"] = choice
-    write_reports(report, out)
+    publish_report(report, run)
     if choice["chosen"] is None:
         raise NoCandidateFits(f"no {to} type fits the budgets ({choice['budget_text']}): "
                               f"see {out / 'report.md'}; raise a budget or add --candidates")

@@ -24,6 +24,20 @@ console = Console(stderr=False, soft_wrap=True)  # paths printed whole, never wr
 err_console = Console(stderr=True)
 
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+
+
+def _format_help() -> tuple[str, str]:
+    """--to and --weights help, from the format registry."""
+    from edgellm.export.formats import export_targets, formats
+
+    targets = [formats()[name] for name in export_targets()]
+    to = ", ".join(f"{f.name} ({f.summary})" for f in targets) + "."
+    weights = "; ".join(f"{f.name}: {', '.join(f.weights)}" for f in targets)
+    defaults = ", ".join(f"{f.lossless} for {f.name}" for f in targets)
+    return to, f"{weights}. Default: {defaults}."
+
+
+TO_HELP, WEIGHTS_HELP = _format_help()
 PickleOption = Annotated[bool, typer.Option(
     "--allow-pickle", help="Read a model folder of pickle weights (.bin/.pt); only for files "
     "you trust. Loaded with weights_only=True and saved as safetensors.")]
@@ -63,7 +77,7 @@ def run(recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
 def run_spec(spec, out: Path, remeasure: bool, force: bool) -> None:
     from edgellm.errors import no_room_is_user_error
     from edgellm.pipeline import run_recipe
-    from edgellm.report import rich_table
+    from edgellm.report_markdown import rich_table
 
     with no_room_is_user_error(out):
         report = run_recipe(spec, out, console, remeasure, force)
@@ -96,12 +110,8 @@ def eval_command(
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="Built-in name, HF folder, .gguf file or hub id.")],
-    to: Annotated[str, typer.Option(
-        help="gguf, onnx, ort (ONNX Runtime Mobile) or mlx (Apple silicon).")] = "gguf",
-    weights: Annotated[str | None, typer.Option(
-        help="gguf: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q3_k_m, q2_k, ...; "
-             "onnx/ort: f32, int8, int4; mlx: f16, q8, q4. Default: f16 for gguf and mlx, "
-             "f32 for onnx/ort.")] = None,
+    to: Annotated[str, typer.Option(help=TO_HELP)] = "gguf",
+    weights: Annotated[str | None, typer.Option(help=WEIGHTS_HELP)] = None,
     out: OutOption = Path("edgellm-export"),
     allow_pickle: PickleOption = False,
     force: ForceOption = False,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgellm.report import cell
 from edgellm.report_file import load_report
+from edgellm.report_markdown import cell
 
 
 def compare_reports(base_path: Path, new_path: Path) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from edgellm.errors import UserError
-from edgellm.grids import Grid, dequantize
+from edgellm.grids import NBits, dequantize
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -38,7 +38,7 @@ class PackedLinear:
 
     def dequantize(self) -> torch.Tensor:
         """(q − zero)·scale in float32, what GGUF and MatMulNBits compute."""
-        return dequantize(Grid("nbits", self.bits, self.group, False), self.q, self.scale, self.zero)
+        return dequantize(NBits(self.bits, self.group, False), self.q, self.scale, self.zero)
 
 
 def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:

@@ -1,53 +1,65 @@
-"""The registry of quantization grids: the exact integer grids of the export formats.
+"""The registry of quantization grids: the exact integer grids of the export formats, one class each.
 
 A grid says how a block of `group` consecutive input weights of one output row becomes
 integers q in [qmin, qmax] and back: w ≈ (q - zero)·scale with an integer zero point
 (q4_1: w ≈ q·scale + min), scale (and min) rounded to float16 as the file stores them.
 GPTQ rounds onto the grid of the format it will be written in, so the exporter stores
-the solver's integers as they are.
+the solver's integers as they are: each class fits, quantizes, dequantizes and says how its
+integers travel in a GPTQ checkpoint; GGUF grids also pack their blocks.
 
-  q4_0        GGUF Q4_0: blocks of 32, scale = signed absmax / -8, q in 0..15, w = d·(q-8)
-  q4_1        GGUF Q4_1: blocks of 32, scale = (max-min)/15 and min, w = d·q + m
-  q5_0        GGUF Q5_0: blocks of 32, scale = signed absmax / -16, q in 0..31, w = d·(q-16)
-  q8_0        GGUF Q8_0: blocks of 32, scale = absmax / 127, q in -127..127
-  nbits       ONNX MatMulNBits (and the standard GPTQ checkpoint): 4 or 8 bits, blocks of
-              16..256, with zero points (asymmetric, zero in the grid) or symmetric
-              (zero point 2^(bits-1), scale = signed absmax / -2^(bits-1), as ORT does)
+  Q4_0   GGUF Q4_0: blocks of 32, scale = signed absmax / -8, q in 0..15, w = d·(q-8)
+  Q4_1   GGUF Q4_1: blocks of 32, scale = (max-min)/15 and min, w = d·q + m
+  Q5_0   GGUF Q5_0: blocks of 32, scale = signed absmax / -16, q in 0..31, w = d·(q-16)
+  Q8_0   GGUF Q8_0: blocks of 32, scale = absmax / 127, q in -127..127
+  NBits  ONNX MatMulNBits (and the standard GPTQ checkpoint): 4 or 8 bits, blocks of
+         16..256, with zero points (asymmetric, zero in the grid) or symmetric
+         (zero point 2^(bits-1), scale = signed absmax / -2^(bits-1), as ORT does)
+
+Adding a grid: a class here with its `name` (registered by __init_subclass__).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
+import numpy as np
 import torch
 
 from edgellm.errors import UserError
 
-GGUF_GRIDS = {"q4_0": (4, True), "q4_1": (4, False), "q5_0": (5, True), "q8_0": (8, True)}
+GRIDS: dict[str, type[Grid]] = {}  # name → class, filled as the classes are defined
 NBITS_BITS = (4, 8)
 NBITS_GROUPS = (16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
 class Grid:
-    name: str  # q4_0, q4_1, q5_0, q8_0, nbits
     bits: int
     group: int
     symmetric: bool
 
+    name: ClassVar[str]
+    offset: ClassVar[int] = 0  # added to q for the unsigned integers of a GPTQ checkpoint
+    aliases: ClassVar[tuple[str, ...]] = ()  # labels of other grids that are this very grid
+    gptq: ClassVar[bool] = True  # its integers fit a GPTQ checkpoint
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:  # a concrete grid, not a family of them
+            GRIDS[cls.name] = cls
+
     @property
     def qmin(self) -> int:
-        return -127 if self.name == "q8_0" else 0
+        return 0
 
     @property
     def qmax(self) -> int:
-        return 127 if self.name == "q8_0" else (1 << self.bits) - 1
+        return (1 << self.bits) - 1
 
     @property
     def label(self) -> str:
-        if self.name != "nbits":
-            return self.name
-        return f"nbits{self.bits}-g{self.group}-{'sym' if self.symmetric else 'asym'}"
+        return self.name
 
     @property
     def storage_bits(self) -> int:
@@ -64,7 +76,7 @@ class Grid:
         still exactly its grid."""
         best = None
         for shrink in shrinks:
-            scale, zero = self._fit_range(w.float() * shrink)
+            scale, zero = self.fit_range(w.float() * shrink)
             error = (self.value(self.quantize(w, scale, zero), scale[:, None], zero[:, None]) - w) ** 2
             if importance is not None:
                 error = error * importance[None, :]
@@ -77,39 +89,183 @@ class Grid:
                         torch.where(better, zero, best[2]))
         return best[1], best[2]
 
-    def _fit_range(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero) covering the block's full range: scale is f16-representable; zero
-        is the integer zero point (q4_1: the f16 block minimum)."""
-        if self.name == "q4_1":
-            low, high = w.min(dim=1).values, w.max(dim=1).values
-            return _f16((high - low) / self.qmax), _f16(low)
-        if self.name == "q8_0":
-            return _f16(w.abs().max(dim=1).values / 127), torch.zeros(len(w))
-        if self.symmetric:  # q4_0 and symmetric nbits: the signed extreme maps to -half
-            half = 1 << (self.bits - 1)
-            extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True))[:, 0]
-            return _f16(extreme / -half), torch.full((len(w),), float(half))
-        low = w.min(dim=1).values.clamp(max=0)
-        high = w.max(dim=1).values.clamp(min=0)
-        scale = _f16((high - low) / self.qmax)
-        return scale, torch.round(-low / _nonzero(scale)).clamp(0, self.qmax)
+    def fit_range(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) covering a [rows, group] block's full range: scale f16-representable,
+        zero the integer zero point."""
+        raise NotImplementedError
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Integers q (as float) nearest to w on the grid; w [rows] or [rows, k]."""
         if w.dim() == 2:
             scale, zero = scale[:, None], zero[:, None]
-        if self.name == "q4_1":
-            q = torch.round((w - zero) / _nonzero(scale))
-        else:
-            q = torch.round(w / _nonzero(scale)) + zero
-        return q.clamp(self.qmin, self.qmax)
+        return (torch.round(w / _nonzero(scale)) + zero).clamp(self.qmin, self.qmax)
 
     def value(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """The weight the runtime computes from q: ggml and MatMulNBits both evaluate
-        (q - zero)·scale in float32 (q4_1: q·scale + min), so this is bit-exact."""
-        if self.name == "q4_1":
-            return q * scale + zero
+        (q - zero)·scale in float32, so this is bit-exact."""
         return (q - zero) * scale
+
+    def stored(self, values: torch.Tensor) -> torch.Tensor:
+        """q or zero points as the unsigned integers of a GPTQ checkpoint."""
+        return values + self.offset
+
+    def takes_checkpoint(self, bits: int, group: int, symmetric: bool) -> bool:
+        """Whether a GPTQ checkpoint edgellm did not solve (no recorded grid) is on this grid
+        by its settings alone: symmetric, the same group, integers as wide as the grid's."""
+        return (self.gptq and symmetric and group == self.group
+                and bits == self.storage_bits == self.bits)
+
+
+class GgufGrid(Grid):
+    """A GGUF block type: blocks of 32 with one f16 scale each."""
+
+    ggml_type: ClassVar[str]  # gguf.GGMLQuantizationType member
+    file_type: ClassVar[str]  # gguf.LlamaFileType member of a file mostly in this type
+
+    def holds(self, linear) -> bool:
+        """Whether a checkpoint's PackedLinear (unsigned q and zero points) lies on this grid:
+        symmetric, so every zero point is the grid's middle."""
+        middle = (1 << (self.bits - 1)) + self.offset
+        return (linear.bits == self.storage_bits and linear.group == self.group
+                and bool((linear.zero == middle).all()) and int(linear.q.max()) <= self.qmax + self.offset)
+
+    def pack(self, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """GGUF block bytes [rows, blocks·bytes] from a checkpoint's unsigned integers q
+        [rows, cols] and scales [rows, blocks] (packed here because gguf.quants only
+        quantizes floats; these integers are already chosen)."""
+        rows, cols = q.shape
+        q = q.astype(np.int64).reshape(rows, cols // 32, 32) - self.offset
+        d = scale.astype(np.float16).reshape(rows, cols // 32, 1).view(np.uint8)
+        return np.concatenate([d, *self.block_payload(q)], axis=2).reshape(rows, -1)
+
+    def block_payload(self, q: np.ndarray) -> list[np.ndarray]:
+        """The bytes after each block's scale, from its integers q [rows, blocks, 32]."""
+        raise NotImplementedError
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """16 bytes per block: q[j] in the low, q[j+16] in the high nibble (Q4_0, Q5_0)."""
+    low = q & 0xF
+    return (low[..., :16] | (low[..., 16:] << 4)).astype(np.uint8)
+
+
+def _symmetric_range(grid: Grid, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed extreme maps to -half: scale = extreme / -half, zero point half."""
+    half = 1 << (grid.bits - 1)
+    extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True))[:, 0]
+    return _f16(extreme / -half), torch.full((len(w),), float(half))
+
+
+@dataclass(frozen=True)
+class Q4_0(GgufGrid):
+    bits: int = 4
+    group: int = 32
+    symmetric: bool = True
+    name: ClassVar[str] = "q4_0"
+    ggml_type: ClassVar[str] = "Q4_0"
+    file_type: ClassVar[str] = "MOSTLY_Q4_0"
+    aliases: ClassVar[tuple[str, ...]] = ("nbits4-g32-sym",)  # MatMulNBits int4, symmetric, 32
+
+    def fit_range(self, w):
+        return _symmetric_range(self, w)
+
+    def block_payload(self, q):
+        return [_nibbles(q)]
+
+
+@dataclass(frozen=True)
+class Q4_1(GgufGrid):
+    bits: int = 4
+    group: int = 32
+    symmetric: bool = False
+    name: ClassVar[str] = "q4_1"
+    ggml_type: ClassVar[str] = "Q4_1"
+    file_type: ClassVar[str] = "MOSTLY_Q4_1"
+    gptq: ClassVar[bool] = False  # its float minimum does not fit a GPTQ checkpoint
+
+    def fit_range(self, w):
+        """scale = (max-min)/15, zero = the f16 block minimum."""
+        low, high = w.min(dim=1).values, w.max(dim=1).values
+        return _f16((high - low) / self.qmax), _f16(low)
+
+    def quantize(self, w, scale, zero):
+        if w.dim() == 2:
+            scale, zero = scale[:, None], zero[:, None]
+        return torch.round((w - zero) / _nonzero(scale)).clamp(self.qmin, self.qmax)
+
+    def value(self, q, scale, zero):
+        """ggml evaluates q·scale + min in float32."""
+        return q * scale + zero
+
+
+@dataclass(frozen=True)
+class Q5_0(GgufGrid):
+    bits: int = 5
+    group: int = 32
+    symmetric: bool = True
+    name: ClassVar[str] = "q5_0"
+    ggml_type: ClassVar[str] = "Q5_0"
+    file_type: ClassVar[str] = "MOSTLY_Q5_0"
+
+    def fit_range(self, w):
+        return _symmetric_range(self, w)
+
+    def block_payload(self, q):
+        """A 32-bit qh holding bit 4 of q[j] at bit j, then the low nibbles as Q4_0."""
+        high = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+        qh = high.sum(axis=2, dtype=np.uint32).astype("<u4")[..., None].view(np.uint8)
+        return [qh, _nibbles(q)]
+
+
+@dataclass(frozen=True)
+class Q8_0(GgufGrid):
+    bits: int = 8
+    group: int = 32
+    symmetric: bool = True
+    name: ClassVar[str] = "q8_0"
+    ggml_type: ClassVar[str] = "Q8_0"
+    file_type: ClassVar[str] = "MOSTLY_Q8_0"
+    offset: ClassVar[int] = 128  # checkpoints store −127..127 (and zero point 0) as 1..255
+
+    @property
+    def qmin(self) -> int:
+        return -127
+
+    @property
+    def qmax(self) -> int:
+        return 127
+
+    def fit_range(self, w):
+        return _f16(w.abs().max(dim=1).values / 127), torch.zeros(len(w))
+
+    def holds(self, linear) -> bool:
+        """Q8_0 stores int8: any 8-bit symmetric checkpoint (zero point 128) fits."""
+        return (linear.bits == 8 and linear.group == 32 and bool((linear.zero == 128).all()))
+
+    def block_payload(self, q):
+        return [q.astype(np.int8).view(np.uint8)]
+
+
+@dataclass(frozen=True)
+class NBits(Grid):
+    """MatMulNBits / the standard GPTQ checkpoint grid."""
+
+    name: ClassVar[str] = "nbits"
+
+    @property
+    def label(self) -> str:
+        return f"nbits{self.bits}-g{self.group}-{'sym' if self.symmetric else 'asym'}"
+
+    def fit_range(self, w):
+        if self.symmetric:
+            return _symmetric_range(self, w)
+        low = w.min(dim=1).values.clamp(max=0)
+        high = w.max(dim=1).values.clamp(min=0)
+        scale = _f16((high - low) / self.qmax)
+        return scale, torch.round(-low / _nonzero(scale)).clamp(0, self.qmax)
+
+
+GGUF_GRIDS = {name: cls for name, cls in GRIDS.items() if issubclass(cls, GgufGrid)}
 
 
 def _f16(x: torch.Tensor) -> torch.Tensor:
@@ -129,8 +285,26 @@ def dequantize(grid: Grid, q: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     return grid.value(q.float(), scale, zero)
 
 
+def canonical(grid: Grid) -> Grid:
+    """The registered grid that `grid` is under another name (NBits 4-bit symmetric blocks
+    of 32 are Q4_0), so both share one GPTQ run; else `grid`."""
+    for cls in GRIDS.values():
+        if grid.label in cls.aliases:
+            return cls()
+    return grid
+
+
+def same_grid(label: str, grid: Grid) -> bool:
+    """Whether a recorded grid label (a checkpoint's `edgellm_grid`) names `grid`."""
+    return label == grid.label or label in grid.aliases
+
+
+def gguf_grid(name: str) -> GgufGrid:
+    return GGUF_GRIDS[name]()
+
+
 def grid_for_export(export, bits: int | None, group_size: int | None) -> Grid:
-    """The grid of a recipe export target (gguf q4_0/q4_1/q8_0, onnx/ort int4/int8), checked
+    """The grid of a recipe export target (gguf q4_0/q5_0/q8_0, onnx/ort int4/int8), checked
     against the step's own bits/group_size when it gives them."""
     if export.format == "gguf":
         if export.weights not in GGUF_GRIDS:
@@ -140,9 +314,7 @@ def grid_for_export(export, bits: int | None, group_size: int | None) -> Grid:
     elif export.format in ("onnx", "ort"):
         if export.weights not in ("int4", "int8"):
             raise UserError(f"GPTQ writes ONNX int4/int8 (MatMulNBits), not '{export.weights}'")
-        grid = Grid("nbits", int(export.weights[3:]), export.block_size, export.symmetric)
-        if grid == Grid("nbits", 4, 32, True):  # the very same grid: share one GPTQ run
-            grid = gguf_grid("q4_0")
+        grid = canonical(NBits(int(export.weights[3:]), export.block_size, export.symmetric))
     else:
         raise UserError(f"GPTQ cannot feed a {export.format} export: use gguf, onnx or ort")
     if bits is not None and bits != grid.bits:
@@ -152,11 +324,6 @@ def grid_for_export(export, bits: int | None, group_size: int | None) -> Grid:
         raise UserError(f"GPTQ group_size={group_size} but the export {export.format} "
                         f"{export.weights} uses blocks of {grid.group}: make them agree")
     return grid
-
-
-def gguf_grid(name: str) -> Grid:
-    bits, symmetric = GGUF_GRIDS[name]
-    return Grid(name, bits, 32, symmetric)
 
 
 def standalone_grid(name: str | None, bits: int, group_size: int, symmetric: bool) -> Grid:
@@ -169,4 +336,4 @@ def standalone_grid(name: str | None, bits: int, group_size: int, symmetric: boo
     if group_size not in NBITS_GROUPS:
         raise UserError(f"GPTQ group_size={group_size} is not in the grid registry: use one of "
                         f"{', '.join(map(str, NBITS_GROUPS))}")
-    return Grid("nbits", bits, group_size, symmetric)
+    return NBits(bits, group_size, symmetric)

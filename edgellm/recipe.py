@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edgellm.errors import UserError
 
 REFERENCE = "reference"
-ONNX_ONLY = ("block_size", "accuracy_level", "symmetric", "lm_head_bits")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # a variant's folder holds its name; its staging folder (.NAME.partial) and the files of a
 # GGUF or ONNX export inside must still fit a file system's 255-byte names
@@ -58,7 +57,10 @@ class CompressStep(BaseModel):
 
 
 class ExportSpec(Strict):
-    format: Literal["torch", "gguf", "onnx", "ort", "mlx"]
+    """An export target: a format of the registry (export/formats/), its weight type, and
+    the options only some formats read (each format lists its own)."""
+
+    format: str
     weights: str = "f16"
     # ONNX MatMulNBits options (int4/int8 weight-only): block size, symmetric or with zero
     # points, MatMulNBits accuracy_level (4: int8 activations on CPU), tied lm_head bits.
@@ -71,21 +73,32 @@ class ExportSpec(Strict):
     # GGUF: weigh rounding errors by an importance matrix computed on [calibration] text
     imatrix: bool = False
 
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, name: str) -> str:
+        from edgellm.export.formats import formats
+
+        if name not in formats():
+            raise ValueError(f"format '{name}' is not supported: use one of {', '.join(formats())}")
+        return name
+
     @model_validator(mode="after")
     def _known_weights(self):
-        from edgellm.export import weights_for
+        from edgellm.export.formats import formats
 
-        allowed = weights_for(self.format)
-        if self.weights not in allowed:
+        target = formats()[self.format]
+        if self.weights not in target.weights:
             raise ValueError(
                 f"weights '{self.weights}' not available for {self.format}: "
-                f"use one of {', '.join(allowed)}"
+                f"use one of {', '.join(target.weights)}"
             )
-        misplaced = [k for k in ONNX_ONLY if k in self.model_fields_set]
-        if misplaced and self.format not in ("onnx", "ort"):
-            raise ValueError(f"{', '.join(misplaced)} only apply to onnx/ort exports")
-        if self.imatrix and (self.format != "gguf" or self.weights in ("f32", "f16", "bf16")):
-            raise ValueError("imatrix only applies to quantized gguf weights (q8_0, q4_k_m, ...)")
+        for option in (o for o in self.model_fields_set if o not in ("format", "weights")):
+            if option not in target.options:
+                readers = [f.name for f in formats().values() if option in f.options]
+                raise ValueError(f"{option} only applies to {'/'.join(readers)} exports")
+        problem = target.check_spec(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
 

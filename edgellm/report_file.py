@@ -95,8 +95,8 @@ def _check_sections(report: dict, path: Path) -> None:
 
 def write_reports(report: dict, out: Path) -> list[Path]:
     from edgellm.artifacts import write_json_atomic, write_text_atomic
-    from edgellm.report import render_markdown
     from edgellm.report_html import render_html
+    from edgellm.report_markdown import render_markdown
 
     paths = [out / "report.json", out / "report.md", out / "report.html"]
     write_json_atomic(paths[0], report)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 import io
 
-from edgellm.report import COLUMNS, cell, render_markdown
+from edgellm.report_markdown import COLUMNS, cell, render_markdown
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}
 table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;

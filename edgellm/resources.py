@@ -8,7 +8,6 @@ hour, not to predict usage. The factors come from runs on SmolLM2-135M (README).
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -18,9 +17,10 @@ from edgellm.errors import UserError
 
 GIB = 1 << 30
 BASELINE_MEMORY = GIB  # python, torch, transformers and a runtime, before any weights
-# peak resident memory while one step or export runs, in fp32 model sizes
-MEMORY_FACTOR = {"load": 2.5, "gguf": 2.5, "onnx": 3.0, "ort": 3.0, "torch": 2.5,
-                 "distill": 5.0}  # distill: teacher + student + two Adam moments + grads
+# peak resident memory while one step runs, in fp32 model sizes (an export's: its format's
+# `memory_factor`, export/formats/)
+LOAD_MEMORY_FACTOR = 2.5
+MEMORY_FACTOR = {"distill": 5.0}  # distill: teacher + student + two Adam moments + grads
 COMPRESS_MEMORY_FACTOR = 2.5  # every other method: the model, its copy, calibration state
 
 
@@ -33,14 +33,9 @@ class Need:
 
 def bits_per_weight(fmt: str, weights: str) -> float:
     """Stored bits per parameter of an export, rounded up (block scales included)."""
-    if fmt == "torch":
-        return 32.0  # torch variants keep float weights in the folder (int8 is runtime)
-    if weights in ("f32", "fp32"):
-        return 32.0
-    if weights in ("f16", "bf16", "fp16"):
-        return 16.0
-    digits = re.search(r"(\d+)", weights)
-    return float(digits.group(1)) + 1.0 if digits else 32.0
+    from edgellm.export.formats import format_of
+
+    return format_of(fmt).bits_per_weight(weights)
 
 
 def count_parameters(model_files: list[Path]) -> int:
@@ -69,19 +64,20 @@ def _safetensors_parameters(path: Path) -> int:
 
 def load_need(params: int) -> Need:
     """Loading the source into torch and saving it as an fp32 HF folder."""
-    return Need(memory=int(BASELINE_MEMORY + MEMORY_FACTOR["load"] * params * 4),
+    return Need(memory=int(BASELINE_MEMORY + LOAD_MEMORY_FACTOR * params * 4),
                 disk=params * 4, what="loading the model")
 
 
 def export_need(params: int, fmt: str, weights: str, steps: list[str]) -> Need:
     """What one variant costs to build: its compression steps (each an fp32 HF folder on
     disk) and its export (the artifact, plus an fp32 GGUF that quantized types start from)."""
-    fp32 = params * 4
-    factors = [MEMORY_FACTOR.get(fmt, 3.0)]
+    from edgellm.export.formats import format_of
+
+    target, fp32 = format_of(fmt), params * 4
+    factors = [target.memory_factor]
     factors += [MEMORY_FACTOR.get(step, COMPRESS_MEMORY_FACTOR) for step in steps]
-    disk = fp32 * len(steps) + params * bits_per_weight(fmt, weights) / 8
-    if fmt == "gguf" and weights not in ("f32", "f16", "bf16"):
-        disk += fp32
+    disk = fp32 * len(steps) + params * target.bits_per_weight(weights) / 8
+    disk += target.intermediate_bytes(params, weights)
     return Need(memory=int(BASELINE_MEMORY + max(factors) * fp32), disk=int(disk),
                 what=f"{fmt} {weights}" + (f" after {' → '.join(steps)}" if steps else ""))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from edgellm.artifact_stats import artifact_size
 from edgellm.artifacts import sha256_files, sha256_json
 from edgellm.data import read_text, resolve_text, token_windows, tokenize
 from edgellm.errors import UserError
@@ -18,7 +19,6 @@ from edgellm.models import (
     resolve_source,
     save_hf_folder,
 )
-from edgellm.report import artifact_size
 from edgellm.resources import check_room, count_parameters, export_need, load_need
 from edgellm.runtimes.protocol import MeasureSpec, default_threads, measure_in_subprocess
 from edgellm.tools import STEP_TOOLS, tool_versions
@@ -49,34 +49,25 @@ def eval_artifact(artifact: str, text: str, ctx: int, max_tokens: int | None,
 
 
 def _artifact_kind(artifact: str) -> tuple[str, Path, ModelSource]:
-    """(format, path the runtime opens, where the tokenizer comes from) of an artifact."""
+    """(format, path the runtime opens, where the tokenizer comes from) of an artifact: the
+    first registered format that claims it (export/formats/), else an HF folder for torch."""
+    from edgellm.export.formats import formats
+
     path = Path(artifact).expanduser()
-    onnx_file = path.suffix in (".onnx", ".ort") and path.is_file()
-    onnx_dir = path.is_dir() and ((path / "model.onnx").is_file() or (path / "model.ort").is_file())
-    if onnx_file or onnx_dir:
-        folder = path.parent if onnx_file else path
-        fmt = "ort" if (path.suffix == ".ort" or (folder / "model.ort").is_file()) else "onnx"
-        if not (folder / "tokenizer.json").is_file():
-            raise UserError(f"ONNX model {path} has no tokenizer.json beside it: export it "
-                            "with `edgellm export --to onnx`, which writes one")
-        return fmt, path, ModelSource("hf", str(folder), label=str(folder))
+    for fmt in formats().values():
+        opened = fmt.opens_path(path)
+        if opened is not None:
+            folder = path.parent if path.is_file() else path
+            if not (folder / "tokenizer.json").is_file():
+                raise UserError(f"{fmt.name} model {path} has no tokenizer.json beside it: "
+                                f"export it with `edgellm export --to {fmt.name}`, which writes one")
+            return fmt.name, opened, ModelSource("hf", str(folder), label=str(folder))
     source = resolve_source(artifact)
-    if source.kind == "gguf":
-        return "gguf", Path(source.path) / source.gguf_file, source
-    if _is_mlx_folder(Path(source.path)):
-        return "mlx", Path(source.path), source
+    for fmt in formats().values():
+        opened = fmt.opens_source(source)
+        if opened is not None:
+            return fmt.name, opened, source
     return "torch", Path(source.path), source
-
-
-def _is_mlx_folder(folder: Path) -> bool:
-    """An mlx-lm folder: edgellm's MLX export, or any with MLX group quantization."""
-    import json
-
-    config = json.loads((folder / "config.json").read_text())
-    return (config.get("edgellm_export") or {}).get("format") == "mlx" or "quantization" in config
-
-
-DEFAULT_WEIGHTS = {"gguf": "f16", "onnx": "f32", "ort": "f32", "mlx": "f16"}  # the lossless type of each
 
 
 def export_model(model: str, to: str, weights: str | None, out: Path, console: Console,
@@ -89,18 +80,18 @@ def export_model(model: str, to: str, weights: str | None, out: Path, console: C
     import shutil
 
     from edgellm.artifacts import staged_dir
-    from edgellm.export import weights_for
-    from edgellm.export.build import export_artifact
-    from edgellm.pipeline import check_out_dir, check_source_for, prepare_out_dir
+    from edgellm.export.formats import export_targets, formats
     from edgellm.recipe import ExportSpec
+    from edgellm.run_checks import check_out_dir, check_source_for, prepare_out_dir
 
-    if to not in DEFAULT_WEIGHTS:
-        raise UserError(f"export target '{to}' is not supported: use --to gguf, onnx, ort or "
-                        "mlx")
-    weights = weights or DEFAULT_WEIGHTS[to]
-    if weights not in weights_for(to):
+    if to not in export_targets():
+        raise UserError(f"export target '{to}' is not supported: use --to "
+                        f"{', '.join(export_targets())}")
+    target_format = formats()[to]
+    weights = weights or target_format.lossless
+    if weights not in target_format.weights:
         raise UserError(f"weights '{weights}' not available for {to}: use one of "
-                        f"{', '.join(weights_for(to))}")
+                        f"{', '.join(target_format.weights)}")
     source = resolve_source(model, allow_pickle)
     check_out_dir(out, source)
     check_source_for(source, to, [])
@@ -113,10 +104,11 @@ def export_model(model: str, to: str, weights: str | None, out: Path, console: C
     # intermediates (the f32 GGUF quantized types start from) are keyed by the source's content
     work = out / "_work" / f"src-{sha256_files(source.files())[:12]}"
     work.mkdir(parents=True, exist_ok=True)
-    target = out / (f"{stem}-{weights}.gguf" if to == "gguf" else f"{stem}-{weights}-{to}")
+    suffix = Path(target_format.artifact).suffix  # a file (.gguf) keeps it; a folder is named by format
+    target = out / (f"{stem}-{weights}{suffix}" if suffix else f"{stem}-{weights}-{to}")
     with staged_dir(target) as staging, console.status(f"exporting {to} {weights}"):
-        built = export_artifact(folder, staging, ExportSpec(format=to, weights=weights), stem,
-                                work)
+        built = target_format.export(folder, staging, ExportSpec(format=to, weights=weights),
+                                     stem, work)
     if target.is_dir():
         shutil.rmtree(target)
     os.replace(built, target)
@@ -154,8 +146,8 @@ def compress_model(model: str, method: str, settings: list[str], calibration, ou
 
     from edgellm.artifacts import staged_dir
     from edgellm.compress import Context, apply_step
-    from edgellm.pipeline import check_out_dir, check_source_for, prepare_out_dir
     from edgellm.recipe import parse_recipe
+    from edgellm.run_checks import check_out_dir, check_source_for, prepare_out_dir
 
     step = {"method": method, **parse_settings(settings)}
     # validated like a recipe step, so errors read the same

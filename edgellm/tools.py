@@ -8,26 +8,12 @@ from importlib import metadata
 
 from edgellm import __version__
 
+# every package whose version can key a build or a measurement: each format lists its own
+# (export/formats/, `build_tools`), each runtime its own (runtimes/__init__.py, `tools`), and
+# tests/test_registries.py checks they are all here
 TOOL_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "gguf",
                  "llama-cpp-python", "onnx", "onnx-ir", "onnxruntime", "onnxruntime-genai",
                  "torchao", "mlx", "mlx-lm")
-# what writes an artifact of each format (llama-cpp-python: its quantizer and the converter
-# extracted from its sdist), and what runs it: build and measurement keys hold their
-# versions, so upgrading one rebuilds or remeasures exactly what it touches
-BUILD_TOOLS = {
-    "gguf": ("torch", "transformers", "gguf", "llama-cpp-python"),
-    "onnx": ("torch", "transformers", "onnx", "onnx-ir", "onnxruntime-genai"),
-    "ort": ("torch", "transformers", "onnx", "onnx-ir", "onnxruntime-genai", "onnxruntime"),
-    "mlx": ("transformers", "mlx", "mlx-lm"),
-    "torch": ("torch", "transformers", "torchao"),
-}
-RUN_TOOLS = {
-    "gguf": ("llama-cpp-python",),
-    "onnx": ("onnxruntime", "onnxruntime-genai"),
-    "ort": ("onnxruntime", "onnxruntime-genai"),
-    "mlx": ("mlx", "mlx-lm"),
-    "torch": ("torch", "transformers", "torchao"),
-}
 STEP_TOOLS = ("torch", "transformers")  # compression steps and the saved reference
 
 

@@ -3,7 +3,8 @@
 llama.cpp's converter writes the dequantized weights as f32 (so its tensor names, row
 transforms such as Llama's q/k permutation, and metadata are the ones llama.cpp expects);
 each of its 2-D tensors is then matched row by row to the checkpoint's dequantized rows
-(exact in f32: integer × f16 scale), and those rows' blocks are packed from the integers.
+(exact in f32: integer × f16 scale), and those rows' blocks are packed from the integers
+by their grid (edgellm/grids.py).
 Matching by content works whatever row order, split or fusion a family's converter applies.
 Every other matrix goes in Q8_0 (what llama.cpp gives the tied embedding when the width is
 not a multiple of 256) and vectors in f32.
@@ -23,28 +24,20 @@ from safetensors import safe_open
 from edgellm.artifacts import atomic_path
 from edgellm.errors import UserError
 from edgellm.gptq_checkpoint import PackedLinear, gptq_config, read_packed
-
-# weights → (file type, checkpoint bits, zero point, largest integer)
-GPTQ_BLOCKS = {
-    "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, 4, 8, 15),
-    "q5_0": (gguf.LlamaFileType.MOSTLY_Q5_0, 8, 16, 31),  # 8-bit checkpoint layout
-    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, 8, 128, 255),
-}
-GRID_ALIASES = {"q4_0": "nbits4-g32-sym"}  # the same grid under its MatMulNBits name
+from edgellm.grids import GGUF_GRIDS, GgufGrid, same_grid
 
 
 def gguf_blocks_fit(folder: Path, weights: str) -> bool:
     """Whether a folder is a GPTQ checkpoint solved on `weights`' grid (edgellm records
-    it; for other checkpoints: 4-bit symmetric blocks of 32 are Q4_0's grid, 8-bit Q8_0's)."""
+    it; for other checkpoints: symmetric integers as wide as the grid's, blocks of 32)."""
     config_path = Path(folder) / "config.json"
     quant = gptq_config(json.loads(config_path.read_text())) if config_path.is_file() else None
-    if quant is None or weights not in GPTQ_BLOCKS:
+    grid = GGUF_GRIDS[weights]() if weights in GGUF_GRIDS else None
+    if quant is None or grid is None or not grid.gptq:
         return False
     if "edgellm_grid" in quant:
-        return quant["edgellm_grid"] in (weights, GRID_ALIASES.get(weights))
-    _, bits, _, _ = GPTQ_BLOCKS[weights]
-    return (weights != "q5_0" and int(quant["bits"]) == bits and int(quant["group_size"]) == 32
-            and bool(quant.get("sym")))
+        return same_grid(quant["edgellm_grid"], grid)
+    return grid.takes_checkpoint(int(quant["bits"]), int(quant["group_size"]), bool(quant.get("sym")))
 
 
 def write_gptq_gguf(folder: Path, out_path: Path, weights: str, work: Path) -> None:
@@ -53,14 +46,15 @@ def write_gptq_gguf(folder: Path, out_path: Path, weights: str, work: Path) -> N
     source = work / "model-f32.gguf"
     if not source.is_file():
         write_float_gguf(folder, source, "f32", work)
-    rows = RowIndex(packed_linears(folder), weights)
+    grid = GGUF_GRIDS[weights]()
+    rows = RowIndex(packed_linears(folder), grid)
     reader = gguf.GGUFReader(source)
     arch = str(reader.fields["general.architecture"].contents())
     with atomic_path(out_path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        copy_fields(reader, writer, file_type=GPTQ_BLOCKS[weights][0])
+        copy_fields(reader, writer, file_type=gguf.LlamaFileType[grid.file_type])
         for tensor in reader.tensors:
-            data, raw = encode_tensor(tensor, rows, weights)
+            data, raw = encode_tensor(tensor, rows, grid)
             writer.add_tensor(tensor.name, data, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -85,13 +79,15 @@ def packed_linears(folder: Path) -> dict[str, PackedLinear]:
 class RowIndex:
     """Each dequantized row of every GPTQ linear, by the hash of its f32 bytes → its blocks."""
 
-    def __init__(self, linears: dict[str, PackedLinear], weights: str):
+    def __init__(self, linears: dict[str, PackedLinear], grid: GgufGrid):
         self.by_hash: dict[bytes, tuple[str, int]] = {}
         self.blocks: dict[str, np.ndarray] = {}
         self.unused = set(linears)
         for name, linear in linears.items():
-            check_grid(name, linear, weights)
-            self.blocks[name] = pack_blocks(linear, weights)
+            if not grid.holds(linear):
+                raise UserError(f"GPTQ tensor {name} is not on the {grid.label} grid: export it "
+                                "as f16 or another type")
+            self.blocks[name] = grid.pack(linear.q.to(torch.int64).numpy(), linear.scale.numpy())
             for index, row in enumerate(linear.dequantize().numpy().astype(np.float32)):
                 self.by_hash.setdefault(row_hash(row), (name, index))
 
@@ -109,22 +105,14 @@ def row_hash(row: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(row, dtype=np.float32).tobytes(), digest_size=16).digest()
 
 
-def check_grid(name: str, linear: PackedLinear, weights: str) -> None:
-    _, bits, zero, top = GPTQ_BLOCKS[weights]
-    if linear.bits != bits or linear.group != 32 or not bool((linear.zero == zero).all()) \
-            or linear.q.max() > top:
-        raise UserError(f"GPTQ tensor {name} is not on the {weights} grid: export it as "
-                        "f16 or another type")
-
-
-def encode_tensor(tensor, rows: RowIndex, weights: str):
+def encode_tensor(tensor, rows: RowIndex, grid: GgufGrid):
     """(data, raw GGML type or None) for one tensor of the f32 GGUF."""
     data = np.asarray(tensor.data, dtype=np.float32)
     if data.ndim != 2:
         return data, None
     packed = rows.rows_of(data)
     if packed is not None:
-        return packed, gguf.GGMLQuantizationType[weights.upper()]
+        return packed, gguf.GGMLQuantizationType[grid.ggml_type]
     if data.shape[1] % 32:
         return data.astype(np.float16), None
     kind = gguf.GGMLQuantizationType.Q8_0
@@ -142,23 +130,3 @@ def copy_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, file_type) -> 
         kind = field.types[0]
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), kind, sub)
-
-
-def pack_blocks(linear: PackedLinear, weights: str) -> np.ndarray:
-    """GGUF block bytes [rows, blocks·bytes] from integers and f16 scales. Packed here
-    because gguf.quants only quantizes floats; these integers are already chosen.
-      Q4_0: f16 d, 16 bytes: q[j] in the low, q[j+16] in the high nibble
-      Q5_0: f16 d, 32-bit qh holding bit 4 of q[j] at bit j, then the low nibbles as Q4_0
-      Q8_0: f16 d, 32 int8 (q − 128)"""
-    rows, cols = linear.q.shape
-    q = linear.q.to(torch.int64).numpy().reshape(rows, cols // 32, 32)
-    d = linear.scale.numpy().astype(np.float16).reshape(rows, cols // 32, 1).view(np.uint8)
-    if weights == "q8_0":
-        return np.concatenate([d, (q - 128).astype(np.int8).view(np.uint8)], axis=2).reshape(rows, -1)
-    low = q & 0xF
-    qs = (low[..., :16] | (low[..., 16:] << 4)).astype(np.uint8)
-    if weights == "q4_0":
-        return np.concatenate([d, qs], axis=2).reshape(rows, -1)
-    high = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
-    qh = high.sum(axis=2, dtype=np.uint32).astype("<u4")[..., None].view(np.uint8)
-    return np.concatenate([d, qh, qs], axis=2).reshape(rows, -1)

@@ -17,6 +17,7 @@ from pathlib import Path
 from edgellm.errors import UserError
 
 MLX_WEIGHTS = ("f16", "q8", "q4")
+MLX_NEED = ("the MLX exporter (mlx-lm)", "mlx")  # (what, Family field)
 BITS = {"q8": 8, "q4": 4}
 DEFAULT_GROUP_SIZE = 64  # mlx-lm's default
 
@@ -51,7 +52,7 @@ def check_mlx_support(config: dict, model: str = "model") -> None:
     from edgellm.archs import check_variant, family_of
 
     family = family_of(config, model)
-    check_variant(family, "mlx", [], model)
+    check_variant(family, MLX_NEED, [], model)
     if family.name == "gemma3":
         _sliding_window_pattern(config, model)
 

@@ -24,6 +24,7 @@ from edgellm.errors import UserError
 PRECISIONS = {"f32": "fp32", "f16": "fp16", "int8": "int8", "int4": "int4"}
 # int8-dynamic: the fp32 graph, then MatMulInteger by ONNX Runtime (export/onnx_dynamic.py)
 ONNX_WEIGHTS = (*PRECISIONS, "int8-dynamic")
+ONNX_NEED = ("the ONNX exporter (onnxruntime-genai builder)", "onnx")  # (what, Family field)
 
 
 # Full-length KV caches in every layer. The builder's default on CPU (0.18) gives sliding-
@@ -57,7 +58,7 @@ def check_architecture(model_dir: Path, weights: str = "f32") -> None:
     from edgellm.archs import check_variant, family_of
 
     config = json.loads((model_dir / "config.json").read_text())
-    check_variant(family_of(config, str(model_dir)), "onnx", [], str(model_dir))
+    check_variant(family_of(config, str(model_dir)), ONNX_NEED, [], str(model_dir))
     if weights != "f16":
         check_rotary(config, str(model_dir))
 

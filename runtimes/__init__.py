@@ -1,5 +1,10 @@
 """Runtimes: each artifact format runs in its real engine behind one small interface.
 
+`RUNTIMES` is the runtime registry, keyed by the runtime's name, with the formats each
+opens and the packages whose versions key its measurements; a format lists the runtimes
+that open it (export/formats/), the first by default, so a second engine for a format
+is one more entry here and one more name there.
+
 A runtime returns the next-token logits at every position of a window of token ids (the
 caller scores them: perplexity, KL divergence from the reference) and runs timed greedy
 generation with a KV cache. Modules are imported
@@ -18,13 +23,25 @@ import numpy as np
 
 from edgellm.divergence import log_normalizer
 
-# artifact format → (module, class). One line per runtime.
+
+@dataclass(frozen=True)
+class RuntimeEntry:
+    module: str
+    cls: str
+    formats: tuple[str, ...]  # artifact formats it opens
+    tools: tuple[str, ...]  # packages whose versions key a measurement (in tools.TOOL_PACKAGES)
+    takes_provider: bool = False  # accepts an execution provider (ONNX Runtime's)
+
+
+# runtime name (its `name` attribute) → where it lives. One line per runtime.
 RUNTIMES = {
-    "torch": ("edgellm.runtimes.pytorch", "TorchRuntime"),
-    "gguf": ("edgellm.runtimes.llamacpp", "LlamaCppRuntime"),
-    "onnx": ("edgellm.runtimes.ort", "OrtRuntime"),
-    "ort": ("edgellm.runtimes.ort", "OrtRuntime"),
-    "mlx": ("edgellm.runtimes.mlx", "MlxRuntime"),
+    "torch": RuntimeEntry("edgellm.runtimes.pytorch", "TorchRuntime", ("torch",),
+                          ("torch", "transformers", "torchao")),
+    "llama.cpp": RuntimeEntry("edgellm.runtimes.llamacpp", "LlamaCppRuntime", ("gguf",),
+                              ("llama-cpp-python",)),
+    "onnxruntime": RuntimeEntry("edgellm.runtimes.ort", "OrtRuntime", ("onnx", "ort"),
+                                ("onnxruntime", "onnxruntime-genai"), takes_provider=True),
+    "mlx": RuntimeEntry("edgellm.runtimes.mlx", "MlxRuntime", ("mlx",), ("mlx", "mlx-lm")),
 }
 
 
@@ -52,15 +69,25 @@ class Runtime(Protocol):
         """Free the model."""
 
 
+def runtime_for(fmt: str, name: str | None = None) -> str:
+    """The runtime `name` if it opens `fmt`, else the first registered one that does."""
+    if name is not None:
+        if name not in RUNTIMES or fmt not in RUNTIMES[name].formats:
+            raise ValueError(f"runtime '{name}' does not open {fmt} artifacts")
+        return name
+    for runtime, entry in RUNTIMES.items():
+        if fmt in entry.formats:
+            return runtime
+    raise ValueError(f"no runtime for format '{fmt}' (known: {', '.join(RUNTIMES)})")
+
+
 def open_runtime(fmt: str, path: str, threads: int, ctx: int,
-                 provider: str | None = None) -> Runtime:
-    """Open `path` in the runtime of its format; `provider` picks ONNX Runtime's execution
-    provider (other runtimes ignore it)."""
-    if fmt not in RUNTIMES:
-        raise ValueError(f"no runtime for format '{fmt}' (known: {', '.join(RUNTIMES)})")
-    module_name, class_name = RUNTIMES[fmt]
-    runtime_class = getattr(importlib.import_module(module_name), class_name)
-    if provider and fmt in ("onnx", "ort"):
+                 provider: str | None = None, runtime: str | None = None) -> Runtime:
+    """Open the `fmt` artifact at `path` in `runtime` (by default the first that opens the
+    format); `provider` picks ONNX Runtime's execution provider (others ignore it)."""
+    entry = RUNTIMES[runtime_for(fmt, runtime)]
+    runtime_class = getattr(importlib.import_module(entry.module), entry.cls)
+    if provider and entry.takes_provider:
         return runtime_class(path, threads=threads, ctx=ctx, provider=provider)
     return runtime_class(path, threads=threads, ctx=ctx)
 

@@ -38,6 +38,7 @@ class MeasureSpec:
     topk_write: str | None = None  # the reference: save its top-k log-probs here (.npz)
     topk_read: str | None = None  # a variant: KL divergence from the reference saved here
     bos: int | None = None  # BOS id each window starts with (the model's tokenizer adds one)
+    runtime: str | None = None  # the runtime registry's name; None: the format's default
 
 
 def default_threads() -> int:
@@ -77,7 +78,8 @@ def measure(spec: MeasureSpec, phase: str, progress=None) -> dict:
 
     ids = np.load(spec.ids_path)
     windows = token_windows(ids, spec.ctx, bos=spec.bos)
-    runtime = open_runtime(spec.fmt, spec.artifact, spec.threads, spec.ctx, spec.provider)
+    runtime = open_runtime(spec.fmt, spec.artifact, spec.threads, spec.ctx, spec.provider,
+                           spec.runtime)
     try:
         if phase == "score":
             result = _score(runtime, windows, progress, spec.topk_write, spec.topk_read)

@@ -17,9 +17,10 @@ from edgellm.gptq_checkpoint import (
     to_checkpoint,
     unpack_rows,
 )
-from edgellm.grids import Grid, dequantize
+from edgellm.grids import Q4_0 as Q4_0Grid
+from edgellm.grids import Q8_0, Grid, NBits, dequantize
 
-Q4_0 = Grid("q4_0", 4, 32, True)
+Q4_0 = Q4_0Grid()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -62,7 +63,7 @@ def _rtn(w: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("act_order", [True, False])
-@pytest.mark.parametrize("grid", [Q4_0, Grid("nbits", 4, 32, False), Grid("q8_0", 8, 32, True)],
+@pytest.mark.parametrize("grid", [Q4_0, NBits(4, 32, False), Q8_0()],
                          ids=lambda g: g.label)
 def test_gptq_output_error_beats_round_to_nearest_on_the_same_grid(grid, act_order):
     w, x, H = _correlated_problem()

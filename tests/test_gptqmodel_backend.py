@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from edgellm.compress import gptqmodel_backend
 from edgellm.errors import UserError
-from edgellm.grids import Grid, gguf_grid
+from edgellm.grids import NBits, gguf_grid
 
 OPTIONS = SimpleNamespace(act_order=True, damp=0.01)
 
@@ -44,7 +44,7 @@ def test_quantize_config_asks_for_the_exports_grid_with_contiguous_groups():
     q4_0 = gptqmodel_backend.quantize_config_kwargs(gguf_grid("q4_0"), OPTIONS)
     assert q4_0 == {"bits": 4, "group_size": 32, "sym": True, "desc_act": False,
                     "static_groups": True, "damp_percent": 0.01, "format": "gptq"}
-    int8 = gptqmodel_backend.quantize_config_kwargs(Grid("nbits", 8, 128, False), OPTIONS)
+    int8 = gptqmodel_backend.quantize_config_kwargs(NBits(8, 128, False), OPTIONS)
     assert (int8["bits"], int8["group_size"], int8["sym"]) == (8, 128, False)
     with pytest.raises(UserError, match="q8_0"):
         gptqmodel_backend.quantize_config_kwargs(gguf_grid("q8_0"), OPTIONS)

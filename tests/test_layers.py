@@ -11,11 +11,14 @@ from pathlib import Path
 from conftest import REPO
 
 PACKAGES = {"edgellm": "edgellm", "edgellm.archs": "edgellm/archs", "edgellm.compress": "compress",
-            "edgellm.export": "export", "edgellm.runtimes": "runtimes"}
+            "edgellm.export": "export", "edgellm.export.formats": "export/formats",
+            "edgellm.runtimes": "runtimes"}
 STAGES = ("edgellm.compress", "edgellm.export", "edgellm.runtimes")
 APP = {"edgellm.pipeline", "edgellm.auto", "edgellm.recipe", "edgellm.report",
-       "edgellm.report_html", "edgellm.report_file", "edgellm.gate", "edgellm.compare",
-       "edgellm.cli", "edgellm.standalone", "edgellm.resources", "edgellm.bandwidth"}
+       "edgellm.report_html", "edgellm.report_markdown", "edgellm.report_file", "edgellm.gate",
+       "edgellm.compare",
+       "edgellm.cli", "edgellm.standalone", "edgellm.resources", "edgellm.bandwidth",
+       "edgellm.run_checks"}
 
 
 def modules() -> dict[str, Path]:

@@ -110,7 +110,7 @@ def test_onnx_options_are_refused_for_gguf(tmp_path):
     from edgellm.errors import UserError
     from edgellm.recipe import parse_recipe
 
-    with pytest.raises(UserError, match="only apply to onnx/ort"):
+    with pytest.raises(UserError, match="block_size only applies to onnx/ort exports"):
         parse_recipe({"variant": [{"name": "a", "export": {"format": "gguf", "weights": "q4_0",
                                                            "block_size": 64}}]})
 

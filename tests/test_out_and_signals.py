@@ -207,7 +207,7 @@ def test_an_out_in_the_model_folder_is_refused_and_nothing_is_written(tmp_path, 
 
 def test_check_out_dir_refuses_the_model_folder(tmp_path, tiny_llama):
     from edgellm.models import ModelSource, resolve_source
-    from edgellm.pipeline import check_out_dir
+    from edgellm.run_checks import check_out_dir
 
     source = resolve_source(str(tiny_llama))
     for out in (tiny_llama, tiny_llama / "reports", tiny_llama / "a" / "b"):

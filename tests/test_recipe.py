@@ -69,6 +69,6 @@ EXAMPLE_RECIPES = sorted((Path(__file__).parent.parent / "examples" / "recipes")
 
 @pytest.mark.parametrize("path", EXAMPLE_RECIPES, ids=lambda p: p.name)
 def test_example_recipes_are_valid_including_their_steps(path):
-    from edgellm.pipeline import check_steps
+    from edgellm.run_checks import check_steps
 
     check_steps(load_recipe(path))  # raises on a step that cannot feed its export

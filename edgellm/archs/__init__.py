@@ -130,16 +130,16 @@ def family_of_gguf(arch: str, model: str = "model") -> Family:
                     f"{known}): add it in {EXTEND}")
 
 
-# what a variant needs of its family: export format → Family field, step method → field
-FORMAT_NEEDS = {"onnx": ("the ONNX exporter (onnxruntime-genai builder)", "onnx"),
-                "ort": ("the ONNX exporter (onnxruntime-genai builder)", "onnx"),
-                "mlx": ("the MLX exporter (mlx-lm)", "mlx")}
+# what a variant's steps need of its family: method → (what, Family field); what an export
+# format needs is its registry entry's `family_need` (export/formats/)
 STEP_NEEDS = {"width": ("width pruning", "width"), "smoothquant": ("smoothquant", "smooth")}
 
 
-def check_variant(family: Family, fmt: str, methods: list[str], model: str = "model") -> None:
-    """Refuse, before any work, a variant whose export or steps cannot handle the family."""
-    for what, attr in [FORMAT_NEEDS[fmt]] if fmt in FORMAT_NEEDS else []:
+def check_variant(family: Family, format_need: tuple[str, str] | None, methods: list[str],
+                  model: str = "model") -> None:
+    """Refuse, before any work, a variant whose export (`format_need`: what it is and the
+    Family field it needs) or steps cannot handle the family."""
+    for what, attr in [format_need] if format_need else []:
         check_support(family, what, bool(getattr(family, attr)), model)
     for method in methods:
         if method in STEP_NEEDS:

@@ -1,0 +1,53 @@
+"""What a built artifact holds, read from disk: the bytes a user ships, and a model
+folder's parameters and measured sparsity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgellm.artifacts import dir_size
+
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".data", ".ort")
+
+
+def artifact_size(path: Path) -> int:
+    """Bytes a user ships: the file (with ONNX external data), or a folder's model files
+    (not tokenizer or configs)."""
+    if path.is_file():
+        external = path.with_name(path.name + ".data")  # ONNX weights stored beside the graph
+        return path.stat().st_size + (external.stat().st_size if external.is_file() else 0)
+    return dir_size(path, WEIGHT_SUFFIXES)
+
+
+def model_stats(model_dir: Path) -> dict:
+    """Parameters, and the measured sparsity of the decoder's weight matrices (the fraction
+    that is exactly zero; None for a packed GPTQ checkpoint, whose zeros mean nothing)."""
+    from safetensors import safe_open
+
+    config = json.loads((model_dir / "config.json").read_text())
+    bits = (config.get("quantization_config") or {}).get("bits")
+    total, zeros, matrix_total = 0, 0, 0
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():
+                if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+                    continue
+                shape = handle.get_slice(name).get_shape()
+                if name.endswith(".qweight") and bits:
+                    total += _numel(shape) * 32 // bits
+                elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+                    total += _numel(shape)
+                if name.startswith("model.layers.") and name.endswith(".weight") and len(shape) == 2:
+                    tensor = handle.get_tensor(name)
+                    zeros += int((tensor == 0).sum())
+                    matrix_total += tensor.numel()
+    sparsity = zeros / matrix_total if matrix_total and not bits else None
+    return {"parameters": total, "sparsity": sparsity}
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
