@@ -83,7 +83,11 @@ def fresh_staging_dir(final: Path) -> Path:
     elif staging.exists():
         _remove_owned(staging)
     staging.mkdir(parents=True)
-    (staging / STAGING_MARKER).write_text(str(os.getpid()))
+    try:
+        (staging / STAGING_MARKER).write_text(str(os.getpid()))
+    except BaseException:  # interrupted between the two: no folder without its marker
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return staging
 
 
@@ -108,17 +112,23 @@ def staged_dir(final: Path):
 
 
 def publish_dir(staging: Path, final: Path, key: str, record: dict) -> None:
-    """Write the manifest (last), then move the staging folder into place."""
-    (staging / STAGING_MARKER).unlink(missing_ok=True)
-    files = {
-        str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(staging.rglob("*")) if p.is_file()
-    }
-    write_json_atomic(staging / MANIFEST, {"key": key, "files": files, **record})
-    check_replaceable(final)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    """Write the manifest (last), then move the staging folder into place. Hashing a large
+    artifact takes seconds: interrupted or failing before the move, the staging folder is
+    removed (its marker is gone by then, so no later run could tell it was edgellm's)."""
+    try:
+        (staging / STAGING_MARKER).unlink(missing_ok=True)
+        files = {
+            str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(staging.rglob("*")) if p.is_file()
+        }
+        write_json_atomic(staging / MANIFEST, {"key": key, "files": files, **record})
+        check_replaceable(final)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def check_replaceable(final: Path) -> None:

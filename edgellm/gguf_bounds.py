@@ -56,11 +56,12 @@ def check_gguf_header(path: Path, header: bytes) -> None:
 
 @dataclass
 class GGUFMeta:
-    """What the walk read: {key: (value type, array item type or None, value)} and
-    {tensor name: element count}."""
+    """What the walk read: {key: (value type, array item type or None, value)},
+    {tensor name: element count} and {tensor name: (ggml type name, bytes)}."""
 
     fields: dict[str, tuple[int, int | None, object]] = field(default_factory=dict)
     tensors: dict[str, int] = field(default_factory=dict)
+    storage: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def values(self, prefix: str | tuple[str, ...] = "") -> dict:
         return {k: v for k, (_, _, v) in self.fields.items() if k.startswith(prefix)}
@@ -159,10 +160,11 @@ class _Walker:
             kind, offset = struct.unpack_from("<IQ", self.data, start + 8 * dims)
             meta.tensors[name] = elements
             extents.append((name, kind, elements, offset))
-        self.check_data(extents, meta.fields.get("general.alignment", (0, None, 32))[2])
+        meta.storage = self.check_data(extents, meta.fields.get("general.alignment", (0, None, 32))[2])
         return meta
 
-    def check_data(self, extents: list[tuple[str, int, int, int]], alignment) -> None:
+    def check_data(self, extents: list[tuple[str, int, int, int]],
+                   alignment) -> dict[str, tuple[str, int]]:
         """Each tensor's bytes (type's block size × elements, from its offset in the data
         section) must lie inside the file."""
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -171,6 +173,7 @@ class _Walker:
             raise UserError(f"model file {self.path} is corrupt: general.alignment is "
                             f"{alignment!r}: download or export it again")
         data_start = -(-self.pos // alignment) * alignment
+        storage = {}
         for name, kind, elements, offset in extents:
             try:
                 block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
@@ -183,3 +186,5 @@ class _Walker:
                 raise UserError(f"model file {self.path} is truncated or corrupt (tensor {name} "
                                 f"ends at byte {end}, past its {len(self.data)} bytes): download "
                                 "or export it again")
+            storage[name] = (GGMLQuantizationType(kind).name, elements // block * size)
+        return storage

@@ -116,11 +116,26 @@ class Grid:
                 and bits == self.storage_bits == self.bits)
 
 
+@dataclass(frozen=True)
 class GgufGrid(Grid):
-    """A GGUF block type: blocks of 32 with one f16 scale each."""
+    """A GGUF block type: blocks of 32 with one f16 scale each, named as ggml names it."""
 
-    ggml_type: ClassVar[str]  # gguf.GGMLQuantizationType member
-    file_type: ClassVar[str]  # gguf.LlamaFileType member of a file mostly in this type
+    bits: int = 4
+    group: int = 32
+    symmetric: bool = True
+
+    @property
+    def ggml_type(self) -> str:
+        """The gguf.GGMLQuantizationType member."""
+        return self.name.upper()
+
+    @property
+    def file_type(self) -> str:
+        """The gguf.LlamaFileType member of a file mostly in this type."""
+        return f"MOSTLY_{self.name.upper()}"
+
+    def fit_range(self, w):
+        return _symmetric_range(self.bits, w)
 
     def holds(self, linear) -> bool:
         """Whether a checkpoint's PackedLinear (unsigned q and zero points) lies on this grid:
@@ -149,25 +164,10 @@ def _nibbles(q: np.ndarray) -> np.ndarray:
     return (low[..., :16] | (low[..., 16:] << 4)).astype(np.uint8)
 
 
-def _symmetric_range(grid: Grid, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The signed extreme maps to -half: scale = extreme / -half, zero point half."""
-    half = 1 << (grid.bits - 1)
-    extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True))[:, 0]
-    return _f16(extreme / -half), torch.full((len(w),), float(half))
-
-
 @dataclass(frozen=True)
 class Q4_0(GgufGrid):
-    bits: int = 4
-    group: int = 32
-    symmetric: bool = True
     name: ClassVar[str] = "q4_0"
-    ggml_type: ClassVar[str] = "Q4_0"
-    file_type: ClassVar[str] = "MOSTLY_Q4_0"
     aliases: ClassVar[tuple[str, ...]] = ("nbits4-g32-sym",)  # MatMulNBits int4, symmetric, 32
-
-    def fit_range(self, w):
-        return _symmetric_range(self, w)
 
     def block_payload(self, q):
         return [_nibbles(q)]
@@ -175,12 +175,8 @@ class Q4_0(GgufGrid):
 
 @dataclass(frozen=True)
 class Q4_1(GgufGrid):
-    bits: int = 4
-    group: int = 32
     symmetric: bool = False
     name: ClassVar[str] = "q4_1"
-    ggml_type: ClassVar[str] = "Q4_1"
-    file_type: ClassVar[str] = "MOSTLY_Q4_1"
     gptq: ClassVar[bool] = False  # its float minimum does not fit a GPTQ checkpoint
 
     def fit_range(self, w):
@@ -201,14 +197,7 @@ class Q4_1(GgufGrid):
 @dataclass(frozen=True)
 class Q5_0(GgufGrid):
     bits: int = 5
-    group: int = 32
-    symmetric: bool = True
     name: ClassVar[str] = "q5_0"
-    ggml_type: ClassVar[str] = "Q5_0"
-    file_type: ClassVar[str] = "MOSTLY_Q5_0"
-
-    def fit_range(self, w):
-        return _symmetric_range(self, w)
 
     def block_payload(self, q):
         """A 32-bit qh holding bit 4 of q[j] at bit j, then the low nibbles as Q4_0."""
@@ -220,11 +209,7 @@ class Q5_0(GgufGrid):
 @dataclass(frozen=True)
 class Q8_0(GgufGrid):
     bits: int = 8
-    group: int = 32
-    symmetric: bool = True
     name: ClassVar[str] = "q8_0"
-    ggml_type: ClassVar[str] = "Q8_0"
-    file_type: ClassVar[str] = "MOSTLY_Q8_0"
     offset: ClassVar[int] = 128  # checkpoints store −127..127 (and zero point 0) as 1..255
 
     @property
@@ -257,8 +242,8 @@ class NBits(Grid):
         return f"nbits{self.bits}-g{self.group}-{'sym' if self.symmetric else 'asym'}"
 
     def fit_range(self, w):
-        if self.symmetric:
-            return _symmetric_range(self, w)
+        if self.symmetric:  # as GGUF's symmetric blocks (ONNX Runtime's own symmetric rounding)
+            return _symmetric_range(self.bits, w)
         low = w.min(dim=1).values.clamp(max=0)
         high = w.max(dim=1).values.clamp(min=0)
         scale = _f16((high - low) / self.qmax)
@@ -266,6 +251,13 @@ class NBits(Grid):
 
 
 GGUF_GRIDS = {name: cls for name, cls in GRIDS.items() if issubclass(cls, GgufGrid)}
+
+
+def _symmetric_range(bits: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed extreme maps to -half: scale = extreme / -half, zero point half."""
+    half = 1 << (bits - 1)
+    extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True))[:, 0]
+    return _f16(extreme / -half), torch.full((len(w),), float(half))
 
 
 def _f16(x: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ from edgellm.run_checks import (
     check_calibration_length,
     check_families,
     check_out_dir,
+    check_sizes,
     check_steps,
     check_text_length,
     prepare_out_dir,
@@ -113,6 +114,7 @@ def start_run(recipe: Recipe, out: Path, console: Console | None = None,
     check_text_length(text, recipe.eval.ctx, text_path)
     check_calibration_is_not_eval(recipe, text_sha)
     check_families(recipe, source)
+    check_sizes(recipe, source)
     check_weights_cover_config(source)
     check_steps(recipe)
     with console.status("reading tokenizer"):

@@ -72,6 +72,10 @@ class ExportSpec(Strict):
     lm_head_bits: Literal[4, 8] = 8
     # GGUF: weigh rounding errors by an importance matrix computed on [calibration] text
     imatrix: bool = False
+    # GGUF under a size budget: one type per tensor among `candidates`, the least predicted
+    # KL divergence within max_size_mb (export/gguf_budget.py); weights then read "mixed"
+    max_size_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
+    candidates: list[str] | None = None
 
     @field_validator("format")
     @classmethod
@@ -87,6 +91,7 @@ class ExportSpec(Strict):
         from edgellm.export.formats import formats
 
         target = formats()[self.format]
+        target.complete(self)
         if self.weights not in target.weights:
             raise ValueError(
                 f"weights '{self.weights}' not available for {self.format}: "

@@ -103,7 +103,16 @@ def _variant_row(result: VariantResult, out: Path, params: int, ref_ppl: float,
         "sparsity": stats.get("sparsity"),
         "steps": result.steps,
         "export": _export_options(result.export),
+        **_artifact_facts(result),
     }
+
+
+def _artifact_facts(result: VariantResult) -> dict:
+    """What the format reads from the built artifact (GGUF: tensors and bytes per type)."""
+    from edgellm.export.formats import format_of
+
+    return format_of(result.export.format).describe(result.artifact) if result.artifact.exists() \
+        else {}
 
 
 def _export_options(export) -> dict:

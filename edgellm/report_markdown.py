@@ -96,9 +96,24 @@ def render_markdown(report: dict) -> str:
           if machine.get("memory_bandwidth_gbs") else []),
         *([SPARSE_NOTE] if any((row.get("sparsity") or 0) >= 0.01 for row in report["variants"])
           else []),
+        *_tensor_type_lines(report),
         *_choice_lines(report),
         "",
     ])
+
+
+def _tensor_type_lines(report: dict) -> list[str]:
+    """Per-tensor types of each variant whose types were chosen under a size budget: how
+    many tensors and MB of the file each type holds, read from the file."""
+    lines = []
+    for row in report["variants"]:
+        if row.get("predicted_kl") is None or not row.get("tensor_types"):
+            continue
+        parts = ", ".join(f"{kind} {v['tensors']} ({v['bytes'] / 1e6:.1f} MB)"
+                          for kind, v in row["tensor_types"].items())
+        lines.append(f"Tensor types of {row['name']} (chosen for ≤ {row['max_size_mb']:g} MB, "
+                     f"predicted KL {row['predicted_kl']:.4f}): {parts}.")
+    return lines
 
 
 def _choice_lines(report: dict) -> list[str]:

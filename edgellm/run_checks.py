@@ -40,6 +40,20 @@ def check_families(recipe: Recipe, source: ModelSource) -> None:
             raise UserError(f"variant {variant.name}: {exc}") from None
 
 
+def check_sizes(recipe: Recipe, source: ModelSource) -> None:
+    """Each variant's size budget against the smallest file its format can hold."""
+    from edgellm.export.formats import format_of
+    from edgellm.resources import count_parameters
+
+    params = None
+    for variant in recipe.variant:
+        if params is None and variant.export.max_size_mb is not None:
+            params = count_parameters(source.files())
+        problem = params and format_of(variant.export.format).check_size(variant.export, params)
+        if problem:
+            raise UserError(f"variant {variant.name}: {problem}")
+
+
 def check_calibration_length(recipe: Recipe, tokenizer, bos: int | None) -> None:
     """The calibration text holds the windows every step that reads it asks for (a step's
     own `samples`, else [calibration].samples), counted with the model's tokenizer now

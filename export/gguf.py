@@ -79,8 +79,11 @@ def check_loads(path: Path, log: Path) -> None:
 
 
 def quantize_gguf(source: Path, out_path: Path, weights: str, threads: int = 0,
-                  imatrix: dict | None = None) -> None:
-    """Quantize with llama.cpp's quantizer, exactly as `llama-quantize` would."""
+                  imatrix: dict | None = None, pure: bool = False,
+                  tensor_types: dict[str, str] | None = None) -> None:
+    """Quantize with llama.cpp's quantizer, exactly as `llama-quantize` would: `pure` is its
+    --pure (every matrix in the one type), `tensor_types` {tensor name: ggml type name} its
+    --tensor-type overrides."""
     import ctypes
 
     import llama_cpp
@@ -88,12 +91,18 @@ def quantize_gguf(source: Path, out_path: Path, weights: str, threads: int = 0,
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[weights])
     params.nthread = threads
+    params.pure = pure
     if imatrix:
         from edgellm.export.imatrix import imatrix_param
 
         array, _buffers = imatrix_param(imatrix)  # _buffers keeps the data alive until return
         params.imatrix = ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    suffix = "-imatrix" if imatrix else ""
+    if tensor_types:
+        overrides, _patterns = tensor_type_overrides(tensor_types)  # alive until return
+        params.tt_overrides = ctypes.cast(overrides,
+                                          ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    suffix = ("-imatrix" if imatrix else "") + ("-pure" if pure else "") + \
+        ("-per-tensor" if tensor_types else "")
     log = source.parent / f"quantize-{weights}{suffix}.log"
     with atomic_path(out_path) as tmp, native_stderr_to(log):
         status = llama_cpp.llama_model_quantize(
@@ -101,6 +110,25 @@ def quantize_gguf(source: Path, out_path: Path, weights: str, threads: int = 0,
         )
         if status != 0:
             raise UserError(f"llama.cpp could not quantize {source} to {weights} (status {status})")
+
+
+def tensor_type_overrides(tensor_types: dict[str, str]):
+    """A NULL-terminated llama_model_tensor_override array, one exact-name pattern per
+    tensor (llama.cpp matches them with std::regex_search), and the strings it points to."""
+    import re
+
+    import gguf
+    import llama_cpp
+
+    array = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+    patterns = []
+    for i, (name, kind) in enumerate(sorted(tensor_types.items())):
+        pattern = f"^{re.escape(name)}$".encode()
+        patterns.append(pattern)
+        array[i].pattern = pattern
+        array[i].type = int(gguf.GGMLQuantizationType[kind])
+    array[len(tensor_types)].pattern = None
+    return array, patterns
 
 
 @contextmanager

@@ -27,17 +27,11 @@ def compute_imatrix(model_dir: Path, text: str, samples: int, seqlen: int,
         with np.load(cache) as stored:
             return {name: stored[name] for name in stored.files}
     import torch
-    from transformers import AutoTokenizer
 
     from edgellm.models import load_folder_model
 
-    config = json.loads((model_dir / "config.json").read_text())
-    name_map = gguf.get_tensor_name_map(gguf_arch(config), config["num_hidden_layers"])
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    path = resolve_text(text)
-    bos = bos_of_folder(model_dir)  # windows as the calibration's: BOS first where added
-    ids = tokenize(tokenizer, read_text(path)[0], samples * (seqlen - (bos is not None)))
-    windows = token_windows(ids, seqlen, source=str(path), bos=bos)
+    name_map = gguf_name_map(model_dir)
+    windows = calibration_windows(model_dir, text, samples, seqlen)
     model = load_folder_model(model_dir)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -64,6 +58,24 @@ def compute_imatrix(model_dir: Path, text: str, samples: int, seqlen: int,
     np.savez(tmp, **matrix)
     tmp.replace(cache)
     return matrix
+
+
+def calibration_windows(model_dir: Path, text: str, samples: int, seqlen: int) -> list[np.ndarray]:
+    """Up to `samples` windows of `seqlen` ids of the calibration text, BOS first where the
+    model's tokenizer adds it (as the evaluation windows)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    path = resolve_text(text)
+    bos = bos_of_folder(model_dir)
+    ids = tokenize(tokenizer, read_text(path)[0], samples * (seqlen - (bos is not None)))
+    return token_windows(ids, seqlen, source=str(path), bos=bos)
+
+
+def gguf_name_map(model_dir: Path) -> gguf.TensorNameMap:
+    """HF parameter names → the GGUF tensor names llama.cpp's converter gives them."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return gguf.get_tensor_name_map(gguf_arch(config), config["num_hidden_layers"])
 
 
 def gguf_arch(config: dict) -> gguf.MODEL_ARCH:

@@ -7,7 +7,7 @@ import json
 
 import gguf
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 DEMO_TOKENS = 4096  # 8 windows of 512: the whole demo in about 15 min on 2 idle cores
@@ -265,3 +265,38 @@ def test_f16_onnx_and_ort_of_smollm2_match_torch(tmp_path):
         assert abs(rows[name]["ppl_delta_pct"]) < 1.0, rows[name]
         assert rows[name]["greedy_tokens"] == rows["reference"]["greedy_tokens"]
     assert rows["onnx-f16"]["size_bytes"] < 0.55 * rows["reference"]["size_bytes"]
+
+
+def test_per_tensor_types_under_budgets_beat_the_single_types_of_that_size(demo):
+    """The demo's folder with two budget variants added: everything else is reused, the
+    budget files are built (Fisher pass, sensitivity per type, allocation) and measured.
+    Candidates without a block minimum: the model ships Q4_1-rounded, which q4_1/q5_1 and
+    the k-quants with mins would recover nearly exactly."""
+    out, rows, _, _ = demo
+    recipe = out.parent / "budget.toml"
+    demo_recipe = (REPO / "edgellm" / "recipes" / "demo.toml").read_text()
+    recipe.write_text(demo_recipe.replace("max_tokens = 16384", f"max_tokens = {DEMO_TOKENS}") + """
+[[variant]]
+name = "gguf-budget-91.7"
+export = { format = "gguf", max_size_mb = 91.7, candidates = ["q3_k", "q4_0", "q5_0", "q6_k", "q8_0"] }
+[[variant]]
+name = "gguf-budget-105.5"
+export = { format = "gguf", max_size_mb = 105.5, candidates = ["q3_k", "q4_0", "q5_0", "q6_k", "q8_0"] }
+""")
+    result = run_cli("run", recipe, "--out", out, timeout=3600)
+    assert result.returncode == 0, result.stderr
+    assert "gguf-q4_0: up to date" in result.stdout  # the demo's variants were reused
+    report = json.loads((out / "report.json").read_text())
+    new = {v["name"]: v for v in report["variants"]}
+    for name, row in rows.items():  # the demo's rows unchanged
+        assert (new[name]["size_bytes"], new[name]["ppl"]) == (row["size_bytes"], row["ppl"])
+    small, large = new["gguf-budget-91.7"], new["gguf-budget-105.5"]
+    assert small["size_bytes"] <= 91.7e6 and large["size_bytes"] <= 105.5e6
+    assert len(small["tensor_types"]) >= 3 and small["predicted_kl"] > large["predicted_kl"]
+    # 4,096 tokens: ≤ 91.7 MB +7.0% (KL 0.074) against q4_0 with the same importance
+    # matrix +11.6% (0.195); ≤ 105.5 MB +1.98% against q4_k_m +4.9% (README)
+    q4_0, q4_k_m = rows["gguf-q4_0-imatrix"], rows["gguf-q4_k_m"]
+    assert small["ppl_delta_pct"] < q4_0["ppl_delta_pct"] - 2
+    assert small["kl_mean"] < 0.6 * q4_0["kl_mean"]
+    assert large["ppl_delta_pct"] < 0.6 * q4_k_m["ppl_delta_pct"]
+    assert "Tensor types of gguf-budget-91.7" in (out / "report.md").read_text()

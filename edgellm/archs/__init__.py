@@ -13,13 +13,13 @@ See docs/design.md.
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgellm.errors import UserError
+from edgellm.registry import load_entries
 
 # one line per family: module under edgellm.archs
 FAMILY_MODULES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "smollm3")
@@ -66,11 +66,7 @@ LLAMA_SMOOTH = (
 
 def families() -> dict[str, Family]:
     """Every known family by name, in FAMILY_MODULES order."""
-    found = {}
-    for module in FAMILY_MODULES:
-        family = importlib.import_module(f"edgellm.archs.{module}").FAMILY
-        found[family.name] = family
-    return found
+    return load_entries("edgellm.archs", FAMILY_MODULES, "FAMILY")
 
 
 def supported_architectures() -> list[str]:

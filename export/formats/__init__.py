@@ -11,12 +11,12 @@ CLI help all read this registry. Adding a format: a module here and one line in
 
 from __future__ import annotations
 
-import importlib
 import re
 from functools import cache
 from pathlib import Path
 
 from edgellm.errors import UserError
+from edgellm.registry import load_entries
 
 # one line per format, in the order the CLI lists them
 FORMAT_MODULES = ("torch", "gguf", "onnx", "ort", "mlx")
@@ -41,8 +41,19 @@ class Format:
     def artifact_path(self, folder: Path) -> Path:
         return folder / self.artifact if self.artifact else folder
 
+    def complete(self, spec) -> None:
+        """Fill in what an ExportSpec of this format implies (before it is checked)."""
+
+    def describe(self, artifact: Path) -> dict:
+        """Facts read from a built artifact for its report row (GGUF: tensor types)."""
+        return {}
+
     def check_spec(self, spec) -> str | None:
         """A problem with an ExportSpec of this format that its fields alone cannot catch."""
+        return None
+
+    def check_size(self, spec, params: int) -> str | None:
+        """A problem with the spec's size budget for a model of `params` weights, before any work."""
         return None
 
     def bits_per_weight(self, weights: str) -> float:
@@ -77,11 +88,7 @@ class Format:
 @cache
 def formats() -> dict[str, Format]:
     """{name: Format} of every registered format."""
-    found = {}
-    for module in FORMAT_MODULES:
-        fmt = importlib.import_module(f"edgellm.export.formats.{module}").FORMAT
-        found[fmt.name] = fmt
-    return found
+    return load_entries("edgellm.export.formats", FORMAT_MODULES, "FORMAT")
 
 
 def format_of(name: str) -> Format:

@@ -1,36 +1,103 @@
-"""GGUF: one file llama.cpp (and every app built on it) loads; written by export/gguf.py."""
+"""GGUF: one file llama.cpp (and every app built on it) loads; written by export/gguf.py,
+or under a size budget by export/gguf_budget.py (one type per tensor)."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 
 from edgellm.artifacts import sha256_json
 from edgellm.export.formats import Format
 from edgellm.export.gguf import FLOAT_TYPES, GGUF_WEIGHTS
 
+MIXED = "mixed"  # the weights of a budget export: a type per tensor
+# per-tensor candidates: llama.cpp's symmetric types and k-quants; q4_1/q5_1 left out by
+# default (the built-in SmolLM2 ships Q4_1-rounded, which they would recover exactly)
+BUDGET_CANDIDATES = ("q3_k", "q4_0", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
+
 
 class GgufFormat(Format):
     name = "gguf"
     summary = "llama.cpp"
-    weights = GGUF_WEIGHTS
+    weights = (*GGUF_WEIGHTS, MIXED)
     lossless = "f16"
     runtimes = ("llama.cpp",)
     # llama-cpp-python: its quantizer and the converter extracted from its sdist
     build_tools = ("torch", "transformers", "gguf", "llama-cpp-python")
     memory_factor = 2.5
-    options = ("imatrix",)
+    options = ("imatrix", "max_size_mb", "candidates")
     artifact = "model.gguf"
 
+    def complete(self, spec) -> None:
+        """A budget chooses the types (weights "mixed") and weighs by an importance matrix."""
+        if spec.max_size_mb is not None:
+            if "weights" not in spec.model_fields_set:
+                spec.weights = MIXED
+            if "imatrix" not in spec.model_fields_set:
+                spec.imatrix = True
+            if spec.candidates is None:
+                spec.candidates = list(BUDGET_CANDIDATES)
+
     def check_spec(self, spec) -> str | None:
+        if spec.max_size_mb is not None and spec.weights != MIXED:
+            return f"max_size_mb chooses a type per tensor: leave weights out (not '{spec.weights}')"
+        if spec.weights == MIXED and spec.max_size_mb is None:
+            return "weights 'mixed' needs max_size_mb, the budget the types are chosen for"
+        if spec.max_size_mb is not None and not spec.imatrix:
+            return "max_size_mb weighs rounding by an importance matrix: leave imatrix out"
+        if spec.candidates is not None:
+            if spec.max_size_mb is None:
+                return "candidates only apply with max_size_mb"
+            unknown = [c for c in spec.candidates if c not in BUDGET_CANDIDATES + ("q4_1", "q5_1")]
+            if unknown or not spec.candidates:
+                return (f"candidates {', '.join(unknown) or '(none)'}: choose among "
+                        f"{', '.join(BUDGET_CANDIDATES)}, q4_1, q5_1")
         if spec.imatrix and spec.weights in FLOAT_TYPES:
             return "imatrix only applies to quantized gguf weights (q8_0, q4_k_m, ...)"
         return None
 
-    def opens_source(self, source) -> Path | None:
-        return Path(source.path) / source.gguf_file if source.kind == "gguf" else None
+    def check_size(self, spec, params: int) -> str | None:
+        """No file is smaller than every weight in the smallest candidate type."""
+        import gguf
+
+        if spec.max_size_mb is None:
+            return None
+        bpw = {c: 8 * size / block for c in spec.candidates
+               for block, size in [gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[c.upper()]]]}
+        smallest = min(bpw, key=bpw.get)
+        floor = params * bpw[smallest] / 8
+        if spec.max_size_mb * 1e6 < floor:
+            return (f"max_size_mb {spec.max_size_mb:g} is below the smallest GGUF of this model "
+                    f"(at least {floor / 1e6:.1f} MB: every weight in {smallest}): raise it")
+        return None
+
+    def bits_per_weight(self, weights: str) -> float:
+        return 9.0 if weights == MIXED else super().bits_per_weight(weights)  # at most q8_0
 
     def intermediate_bytes(self, params: int, weights: str) -> int:
         return 0 if weights in FLOAT_TYPES else params * 4  # the f32 GGUF quantizing starts from
+
+    def opens_source(self, source) -> Path | None:
+        return Path(source.path) / source.gguf_file if source.kind == "gguf" else None
+
+    def describe(self, artifact: Path) -> dict:
+        """Tensors and bytes per ggml type, read from the file; a budget's prediction."""
+        from edgellm.export.gguf_budget import ALLOCATION_FILE
+        from edgellm.gguf_bounds import read_gguf_meta
+
+        storage = read_gguf_meta(artifact).storage.values()
+        counts, sizes = Counter(kind for kind, _ in storage), Counter()
+        for kind, nbytes in storage:
+            sizes[kind] += nbytes
+        row = {"tensor_types": {k: {"tensors": counts[k], "bytes": sizes[k]}
+                                for k in sorted(counts, key=lambda k: -sizes[k])}}
+        plan = artifact.parent / ALLOCATION_FILE
+        if plan.is_file():
+            record = json.loads(plan.read_text())
+            row["predicted_kl"] = record["predicted_kl"]
+            row["max_size_mb"] = record["max_size_mb"]
+        return row
 
     def export(self, model_dir: Path, staging: Path, spec, name: str, work: Path,
                calibration=None) -> Path:
@@ -43,6 +110,11 @@ class GgufFormat(Format):
             key = sha256_json(calibration.model_dump())[:12]
             imatrix = compute_imatrix(model_dir, calibration.text, calibration.samples,
                                       calibration.seqlen, work / f"imatrix-{key}.npz")
+        if spec.max_size_mb is not None:
+            from edgellm.export.gguf_budget import export_budget_gguf
+
+            return export_budget_gguf(model_dir, self.artifact_path(staging), spec, work,
+                                      imatrix, calibration)
         return export_gguf(model_dir, self.artifact_path(staging), spec.weights, work, imatrix)
 
 

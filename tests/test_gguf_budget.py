@@ -1,0 +1,118 @@
+"""GGUF under a size budget (export/gguf_budget.py): the allocation respects the budget,
+never predicts more damage for a larger one, refuses a budget below the smallest file, and
+the file llama.cpp writes has the planned types and the planned size."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from conftest import run_cli, write_tiny_recipe
+
+from edgellm.errors import UserError
+from edgellm.export.gguf_budget import allocate
+
+TYPES = {"Q4_0": 4.5, "Q5_0": 5.5, "Q8_0": 8.5}
+
+
+def synthetic_table(seed: int = 0, tensors: int = 40) -> dict:
+    """Tensors of random widths; damage falls with bits, tensors differ in sensitivity."""
+    rng = random.Random(seed)
+    table = {}
+    for i in range(tensors):
+        elements, sensitivity = rng.choice([4096, 16384, 65536]), rng.uniform(0.01, 10)
+        table[f"blk.{i}.weight"] = {
+            kind: (int(elements * bits / 8), sensitivity * 2.0 ** (-2 * bits))
+            for kind, bits in TYPES.items()}
+    return table
+
+
+def test_the_plan_fits_every_budget_and_more_room_never_predicts_more_damage():
+    table, fixed = synthetic_table(), 10_000
+    smallest = fixed + sum(min(b for b, _ in t.values()) for t in table.values())
+    largest = fixed + sum(max(b for b, _ in t.values()) for t in table.values())
+    previous = None
+    for budget in range(smallest, largest + 20_000, (largest - smallest) // 25):
+        types, size, damage = allocate(table, fixed, budget, align=1)
+        assert size <= budget
+        assert size == fixed + sum(table[n][k][0] for n, k in types.items())
+        assert damage == pytest.approx(sum(table[n][k][1] for n, k in types.items()), rel=1e-9)
+        if previous is not None:
+            assert damage <= previous + 1e-12
+        previous = damage
+    # upgrades are rounded up to units of 1/50,000 of the room: a plan may leave that little
+    room = (largest - smallest) // 1000
+    assert set(allocate(table, fixed, largest + room, align=1)[0].values()) == {"Q8_0"}
+
+
+def test_the_plan_beats_every_single_type_that_fits():
+    table, fixed = synthetic_table(seed=3), 0
+    for kind in TYPES:
+        size = sum(t[kind][0] for t in table.values())
+        uniform = sum(t[kind][1] for t in table.values())
+        assert allocate(table, fixed, size, align=1)[2] <= uniform + 1e-12
+
+
+def test_a_budget_below_the_smallest_file_names_the_smallest():
+    table = synthetic_table()
+    smallest = sum(min(b for b, _ in t.values()) for t in table.values())
+    with pytest.raises(UserError, match=f"smallest GGUF .* \\({smallest / 1e6:.1f} MB\\)"):
+        allocate(table, 0, smallest - 1, align=1)
+
+
+def test_padding_is_counted_per_tensor():
+    table = {"a": {"Q4_0": (18, 1.0), "Q8_0": (34, 0.0)}, "b": {"Q4_0": (18, 1.0), "Q8_0": (34, 0.0)}}
+    assert allocate(table, 0, 64, align=32)[0] == {"a": "Q4_0", "b": "Q4_0"}  # 34 pads to 64
+    assert allocate(table, 0, 96, align=32)[0] in ({"a": "Q8_0", "b": "Q4_0"}, {"a": "Q4_0", "b": "Q8_0"})
+
+
+@pytest.mark.parametrize("export, message", [
+    ('{ format = "gguf", weights = "q4_0", max_size_mb = 1 }', "leave weights out"),
+    ('{ format = "onnx", max_size_mb = 1 }', "max_size_mb only applies to gguf exports"),
+    ('{ format = "gguf", weights = "mixed" }', "weights 'mixed' needs max_size_mb"),
+    ('{ format = "gguf", max_size_mb = 1, candidates = ["q9"] }', "candidates q9"),
+    ('{ format = "gguf", max_size_mb = 0.001 }', "below the smallest GGUF of this model"),
+])
+def test_bad_budgets_are_one_line_before_any_work(tmp_path, tiny_llama, export, message):
+    recipe = write_tiny_recipe(tmp_path / "recipe.toml", tiny_llama,
+                               f'[[variant]]\nname = "b"\nexport = {export}\n')
+    result = run_cli("run", recipe, "--out", tmp_path / "out")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_budget_gguf_has_the_planned_types_and_size_and_is_reported(tmp_path, tiny_llama):
+    from edgellm.gguf_bounds import read_gguf_meta
+
+    recipe = write_tiny_recipe(tmp_path / "recipe.toml", tiny_llama, """
+[[variant]]
+name = "q4"
+export = { format = "gguf", weights = "q4_0", imatrix = true }
+[[variant]]
+name = "q8"
+export = { format = "gguf", weights = "q8_0" }
+""")
+    out = tmp_path / "out"
+    assert run_cli("run", recipe, "--out", out).returncode == 0
+    q4, q8 = ((out / n / "model.gguf").stat().st_size for n in ("q4", "q8"))
+    budget_mb = (q4 + (q8 - q4) // 2) / 1e6  # halfway: some tensors must stay below q8_0
+    recipe.write_text(recipe.read_text() + f"""
+[[variant]]
+name = "budget"
+export = {{ format = "gguf", max_size_mb = {budget_mb}, candidates = ["q4_0", "q5_0", "q8_0"] }}
+""")
+    result = run_cli("run", recipe, "--out", out)
+    assert result.returncode == 0, result.stderr
+    path = out / "budget" / "model.gguf"
+    plan = json.loads((out / "budget" / "allocation.json").read_text())
+    assert path.stat().st_size == plan["predicted_bytes"] <= budget_mb * 1e6
+    storage = read_gguf_meta(path).storage
+    assert {name: storage[name][0] for name in plan["tensor_types"]} == plan["tensor_types"]
+    assert len(set(plan["tensor_types"].values())) >= 2  # a mixture, not one type
+    report = json.loads((out / "report.json").read_text())
+    row = next(r for r in report["variants"] if r["name"] == "budget")
+    assert row["weights"] == "mixed" and row["predicted_kl"] == plan["predicted_kl"]
+    assert sum(v["bytes"] for v in row["tensor_types"].values()) <= row["size_bytes"]
+    assert "Tensor types of budget (chosen for ≤" in (out / "report.md").read_text()
