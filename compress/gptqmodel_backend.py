@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from edgellm.errors import UserError
-from edgellm.grids import Q4_0, Grid, NBits
+from edgellm.grids import Grid
 
 NATIVE_HINT = "leave `backend` out to use edgellm's own solver, which runs on CPU"
 
@@ -37,7 +37,7 @@ def check_available() -> None:
 
 def quantize_config_kwargs(grid: Grid, options) -> dict:
     """GPTQModel QuantizeConfig arguments that solve onto `grid`."""
-    if not isinstance(grid, (NBits, Q4_0)):  # Q4_0 is NBits 4-bit symmetric blocks of 32
+    if not grid.gptqmodel:
         raise UserError(f"gptq backend \"gptqmodel\" has no {grid.label} grid (it writes 4- or "
                         f"8-bit integers with a zero point per group); {NATIVE_HINT}")
     return {"bits": grid.bits, "group_size": grid.group, "sym": grid.symmetric,

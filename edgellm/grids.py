@@ -43,6 +43,7 @@ class Grid:
     offset: ClassVar[int] = 0  # added to q for the unsigned integers of a GPTQ checkpoint
     aliases: ClassVar[tuple[str, ...]] = ()  # labels of other grids that are this very grid
     gptq: ClassVar[bool] = True  # its integers fit a GPTQ checkpoint
+    gptqmodel: ClassVar[bool] = False  # GPTQModel solves onto it (integer zero point per group)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -168,6 +169,7 @@ def _nibbles(q: np.ndarray) -> np.ndarray:
 class Q4_0(GgufGrid):
     name: ClassVar[str] = "q4_0"
     aliases: ClassVar[tuple[str, ...]] = ("nbits4-g32-sym",)  # MatMulNBits int4, symmetric, 32
+    gptqmodel: ClassVar[bool] = True
 
     def block_payload(self, q):
         return [_nibbles(q)]
@@ -236,6 +238,7 @@ class NBits(Grid):
     """MatMulNBits / the standard GPTQ checkpoint grid."""
 
     name: ClassVar[str] = "nbits"
+    gptqmodel: ClassVar[bool] = True
 
     @property
     def label(self) -> str:

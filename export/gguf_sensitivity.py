@@ -72,7 +72,8 @@ def damage_table(f32_gguf: Path, fisher: dict[str, np.ndarray], candidates: tupl
     would fall back to another). Cached in `work` by the f32 file, Fisher and candidates."""
     key = sha256_json({"f32": f32_gguf.stat().st_size, "mtime": f32_gguf.stat().st_mtime_ns,
                        "fisher": {k: float(v.sum()) for k, v in fisher.items()},
-                       "imatrix": bool(imatrix), "candidates": list(candidates)})[:16]
+                       "imatrix": {k: float(v.sum()) for k, v in (imatrix or {}).items()},
+                       "candidates": list(candidates)})[:16]
     cache = work / f"gguf-damage-{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
