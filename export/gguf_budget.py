@@ -19,7 +19,7 @@ import numpy as np
 
 from edgellm.errors import UserError
 
-BUDGET_UNITS = 50_000  # the room above the smallest file, in units (upgrades rounded up)
+BUDGET_UNITS = 50_000  # the room above the smallest file, in units (see allocate)
 ALLOCATION_FILE = "allocation.json"  # beside the artifact: the plan and its predicted damage
 
 
@@ -28,7 +28,7 @@ def allocate(table: dict[str, dict[str, tuple[int, float]]], fixed_bytes: int,
     """({tensor: type}, predicted file bytes, predicted damage) of the least-damage choice
     whose file fits `budget_bytes` (each tensor's data padded to `align`, as GGUF stores
     it); UserError naming the smallest possible file otherwise."""
-    names = sorted(table)
+    names = sorted(n for n in table if table[n])  # a tensor no candidate fits keeps llama.cpp's
     table = {n: {k: (-(-b // align) * align, d) for k, (b, d) in table[n].items()} for n in names}
     smallest = fixed_bytes + sum(min(b for b, _ in table[n].values()) for n in names)
     if smallest > budget_bytes:
@@ -77,7 +77,7 @@ def fixed_bytes(path: Path, table: dict, align: int = 32) -> int:
     from edgellm.gguf_bounds import read_gguf_meta
 
     matrices = sum(-(-nbytes // align) * align
-                   for name, (_, nbytes) in read_gguf_meta(path).storage.items() if name in table)
+                   for name, (_, nbytes) in read_gguf_meta(path).storage.items() if table.get(name))
     return path.stat().st_size - matrices
 
 

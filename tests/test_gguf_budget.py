@@ -61,6 +61,13 @@ def test_a_budget_below_the_smallest_file_names_the_smallest():
         allocate(table, 0, smallest - 1, align=1)
 
 
+def test_a_tensor_no_candidate_fits_is_left_out_of_the_plan():
+    table = synthetic_table(tensors=3)
+    table["odd.weight"] = {}  # its width fits no block: llama.cpp's own fallback, counted as fixed
+    types, _, _ = allocate(table, 0, 10**9, align=1)
+    assert "odd.weight" not in types and len(types) == 3
+
+
 def test_padding_is_counted_per_tensor():
     table = {"a": {"Q4_0": (18, 1.0), "Q8_0": (34, 0.0)}, "b": {"Q4_0": (18, 1.0), "Q8_0": (34, 0.0)}}
     assert allocate(table, 0, 64, align=32)[0] == {"a": "Q4_0", "b": "Q4_0"}  # 34 pads to 64
