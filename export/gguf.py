@@ -16,7 +16,7 @@ from pathlib import Path
 from edgellm.archs import check_rope
 from edgellm.artifacts import atomic_path
 from edgellm.errors import UserError
-from edgellm.export.gguf_float import write_float_gguf
+from edgellm.export.gguf_float import f32_intermediate, write_float_gguf
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 # llama.cpp's quantizer file types, by the names llama-quantize uses.
@@ -29,10 +29,15 @@ QUANT_TYPES = {
     "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
     "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
     "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
     "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
     "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
 }
 GGUF_WEIGHTS = FLOAT_TYPES + tuple(QUANT_TYPES)
+# per-tensor types a size budget may choose (export/gguf_budget.py) → the file type whose
+# `pure` mode writes every matrix in that type
+BUDGET_TYPES = {"q3_k": "q3_k_m", "q4_0": "q4_0", "q4_1": "q4_1", "q4_k": "q4_k_m",
+                "q5_0": "q5_0", "q5_1": "q5_1", "q5_k": "q5_k_m", "q6_k": "q6_k", "q8_0": "q8_0"}
 
 
 def check_exportable(folder: Path) -> None:
@@ -55,10 +60,7 @@ def export_gguf(folder: Path, out_path: Path, weights: str, work_dir: Path,
     elif gguf_blocks_fit(folder, weights):
         write_gptq_gguf(folder, out_path, weights, work_dir)
     else:
-        source = work_dir / "model-f32.gguf"
-        if not source.is_file():
-            write_float_gguf(folder, source, "f32", work_dir)
-        quantize_gguf(source, out_path, weights, imatrix=imatrix)
+        quantize_gguf(f32_intermediate(folder, work_dir), out_path, weights, imatrix=imatrix)
     check_loads(out_path, work_dir / f"load-{out_path.stem}.log")
     return out_path
 

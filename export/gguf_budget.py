@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from edgellm.errors import UserError
@@ -72,26 +73,14 @@ def _backtrack(picks, units: int, fixed_bytes: int) -> tuple[dict[str, str], int
     return types, size, total
 
 
-def fixed_bytes(path: Path, table: dict, align: int = 32) -> int:
-    """Bytes of a GGUF llama.cpp wrote that are not the (padded) matrices `table` prices."""
-    from edgellm.gguf_bounds import read_gguf_meta
-
-    matrices = sum(-(-nbytes // align) * align
-                   for name, (_, nbytes) in read_gguf_meta(path).storage.items() if table.get(name))
-    return path.stat().st_size - matrices
-
-
-def write_budget_gguf(f32_gguf: Path, out_path: Path, spec, table: dict, imatrix: dict | None,
-                      work: Path) -> dict:
+def write_budget_gguf(f32_gguf: Path, out_path: Path, spec, table: dict, fixed: int,
+                      imatrix: dict | None) -> dict:
     """Write the GGUF of the least predicted damage within spec.max_size_mb; returns the
     allocation record (types per tensor, predicted bytes and KL)."""
     from edgellm.export.gguf import quantize_gguf
 
-    probe = work / "budget-probe.gguf"  # what is not a matrix, measured: q8_0 keeps vectors f32
-    if not probe.is_file():
-        quantize_gguf(f32_gguf, probe, "q8_0", pure=True)
     budget = int(spec.max_size_mb * 1e6)
-    types, size, damage = allocate(table, fixed_bytes(probe, table), budget)
+    types, size, damage = allocate(table, fixed, budget, gguf.GGUF_DEFAULT_ALIGNMENT)
     quantize_gguf(f32_gguf, out_path, "q8_0", imatrix=imatrix, tensor_types=types)
     written = out_path.stat().st_size
     if written > budget:  # the plan's bytes are exact; a llama.cpp that disagrees is refused
@@ -108,18 +97,16 @@ def export_budget_gguf(model_dir: Path, target: Path, spec, work: Path, imatrix:
     type per tensor, the allocation, llama.cpp's file, and the plan beside it."""
     from edgellm.artifacts import sha256_json
     from edgellm.export.gguf import check_exportable, check_loads
-    from edgellm.export.gguf_float import write_float_gguf
+    from edgellm.export.gguf_float import f32_intermediate
     from edgellm.export.gguf_sensitivity import FISHER_WINDOWS, damage_table, fisher_columns
 
     check_exportable(model_dir)
-    f32 = work / "model-f32.gguf"
-    if not f32.is_file():
-        write_float_gguf(model_dir, f32, "f32", work)
+    f32 = f32_intermediate(model_dir, work)
     key = sha256_json([calibration.text, calibration.seqlen, FISHER_WINDOWS])[:12]
     fisher = fisher_columns(model_dir, calibration.text, calibration.seqlen,
                             work / f"fisher-columns-{key}.npz")
-    table = damage_table(f32, fisher, tuple(spec.candidates), work, imatrix)
-    record = write_budget_gguf(f32, target, spec, table, imatrix, work)
+    table, fixed = damage_table(f32, fisher, tuple(spec.candidates), work, imatrix)
+    record = write_budget_gguf(f32, target, spec, table, fixed, imatrix)
     (target.parent / ALLOCATION_FILE).write_text(json.dumps(record, indent=1) + "\n")
     check_loads(target, work / f"load-{target.stem}.log")
     return target

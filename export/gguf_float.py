@@ -32,6 +32,15 @@ def write_float_gguf(folder: Path, out_path: Path, weights: str, work: Path) -> 
         convert(folder, tmp, weights, work, vocab, extra, source_general(folder))
 
 
+def f32_intermediate(folder: Path, work: Path) -> Path:
+    """work/model-f32.gguf, written once: what quantized types, GPTQ blocks and size
+    budgets all start from (`work` is keyed by the model's content)."""
+    path = Path(work) / "model-f32.gguf"
+    if not path.is_file():
+        write_float_gguf(folder, path, "f32", work)
+    return path
+
+
 def dequantized_folder(folder: Path, work: Path) -> Path:
     """The float weights a GPTQ checkpoint computes with, saved once as an HF folder."""
     import shutil

@@ -41,11 +41,9 @@ def gguf_blocks_fit(folder: Path, weights: str) -> bool:
 
 
 def write_gptq_gguf(folder: Path, out_path: Path, weights: str, work: Path) -> None:
-    from edgellm.export.gguf_float import write_float_gguf
+    from edgellm.export.gguf_float import f32_intermediate
 
-    source = work / "model-f32.gguf"
-    if not source.is_file():
-        write_float_gguf(folder, source, "f32", work)
+    source = f32_intermediate(folder, work)
     grid = GGUF_GRIDS[weights]()
     rows = RowIndex(packed_linears(folder), grid)
     reader = gguf.GGUFReader(source)

@@ -17,6 +17,7 @@ and the decoding, the Fisher pass is torch autograd.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import gguf
@@ -25,9 +26,6 @@ import numpy as np
 from edgellm.artifacts import atomic_path, sha256_json
 
 FISHER_WINDOWS = 16  # calibration windows the Fisher pass reads (~10 s each for 135M on 2 cores)
-# candidate type → llama.cpp file type whose `pure` mode writes every matrix in it
-PURE_FTYPES = {"q3_k": "q3_k_m", "q4_0": "q4_0", "q4_k": "q4_k_m", "q5_0": "q5_0",
-               "q5_k": "q5_k_m", "q6_k": "q6_k", "q8_0": "q8_0"}
 
 
 def fisher_columns(model_dir: Path, text: str, seqlen: int, cache: Path) -> dict[str, np.ndarray]:
@@ -66,44 +64,60 @@ def fisher_columns(model_dir: Path, text: str, seqlen: int, cache: Path) -> dict
 
 
 def damage_table(f32_gguf: Path, fisher: dict[str, np.ndarray], candidates: tuple[str, ...],
-                 work: Path, imatrix: dict | None) -> dict[str, dict[str, tuple[int, float]]]:
-    """{tensor: {ggml type: (bytes, predicted KL)}} for every matrix and every candidate
-    type llama.cpp writes it in (a type a tensor's width does not fit is left out: llama.cpp
-    would fall back to another). Cached in `work` by the f32 file, Fisher and candidates."""
+                 work: Path, imatrix: dict | None) -> tuple[dict[str, dict[str, tuple[int, float]]], int]:
+    """({tensor: {ggml type: (bytes, predicted KL)}}, fixed bytes): every matrix in every
+    candidate type llama.cpp writes it in (a type a tensor's width does not fit is left out:
+    llama.cpp would fall back to another), and the bytes of the file that are not priced
+    matrices, measured from llama.cpp's q8_0 file (the final write's base type), each
+    matrix padded to GGUF's alignment. Cached in `work` by the f32 file, Fisher, importance
+    matrix and candidates."""
     key = sha256_json({"f32": f32_gguf.stat().st_size, "mtime": f32_gguf.stat().st_mtime_ns,
                        "fisher": {k: float(v.sum()) for k, v in fisher.items()},
                        "imatrix": {k: float(v.sum()) for k, v in (imatrix or {}).items()},
-                       "candidates": list(candidates)})[:16]
+                       "candidates": list(candidates), "layout": "table+fixed"})[:16]
     cache = work / f"gguf-damage-{key}.json"
     if cache.is_file():
-        return json.loads(cache.read_text())
+        stored = json.loads(cache.read_text())
+        return stored["table"], stored["fixed"]
     weights = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(f32_gguf).tensors
                if len(t.shape) == 2}
     fallback = float(np.mean([f.mean() for f in fisher.values()]))  # a tensor no parameter maps to
     table: dict[str, dict[str, tuple[int, float]]] = {name: {} for name in weights}
-    for candidate in candidates:
-        for name, kind, nbytes, rounded in _pure_tensors(f32_gguf, candidate, work, imatrix):
-            if name not in weights or kind != candidate.upper():
-                continue
-            column_error = ((rounded.reshape(weights[name].shape) - weights[name]) ** 2).sum(axis=0)
-            column_fisher = fisher.get(name, np.full(column_error.shape, fallback))
-            table[name][kind] = (nbytes, 0.5 * float((column_fisher * column_error).sum()))
+    for candidate in dict.fromkeys((*candidates, "q8_0")):  # q8_0 also measures the fixed bytes
+        with _pure_file(f32_gguf, candidate, work, imatrix) as path:
+            if candidate == "q8_0":
+                file_bytes, matrix_bytes = path.stat().st_size, {}
+            for name, kind, nbytes, rounded in _matrices(path):
+                if candidate == "q8_0":
+                    matrix_bytes[name] = nbytes
+                if candidate not in candidates or name not in weights or kind != candidate.upper():
+                    continue
+                column_error = ((rounded.reshape(weights[name].shape) - weights[name]) ** 2).sum(axis=0)
+                column_fisher = fisher.get(name, np.full(column_error.shape, fallback))
+                table[name][kind] = (nbytes, 0.5 * float((column_fisher * column_error).sum()))
+    align = gguf.GGUF_DEFAULT_ALIGNMENT
+    fixed = file_bytes - sum(-(-b // align) * align for n, b in matrix_bytes.items() if table.get(n))
     with atomic_path(cache) as tmp:
-        Path(tmp).write_text(json.dumps(table))
-    return table
+        Path(tmp).write_text(json.dumps({"table": table, "fixed": fixed}))
+    return table, fixed
 
 
-def _pure_tensors(f32_gguf: Path, candidate: str, work: Path, imatrix: dict | None):
-    """(name, ggml type, bytes, dequantized values) of each tensor of the f32 GGUF as
-    llama.cpp quantizes it to `candidate` alone; the file is removed after reading."""
-    from edgellm.export.gguf import quantize_gguf
+@contextmanager
+def _pure_file(f32_gguf: Path, candidate: str, work: Path, imatrix: dict | None):
+    """The f32 GGUF as llama.cpp quantizes it to `candidate` alone; removed after use."""
+    from edgellm.export.gguf import BUDGET_TYPES, quantize_gguf
 
     path = work / f"sensitivity-{candidate}.gguf"
-    quantize_gguf(f32_gguf, path, PURE_FTYPES[candidate], imatrix=imatrix, pure=True)
+    quantize_gguf(f32_gguf, path, BUDGET_TYPES[candidate], imatrix=imatrix, pure=True)
     try:
-        for tensor in gguf.GGUFReader(path).tensors:
-            if len(tensor.shape) == 2:
-                values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
-                yield tensor.name, tensor.tensor_type.name, int(tensor.n_bytes), values
+        yield path
     finally:
         path.unlink(missing_ok=True)
+
+
+def _matrices(path: Path):
+    """(name, ggml type, bytes, dequantized values) of each matrix of a GGUF."""
+    for tensor in gguf.GGUFReader(path).tensors:
+        if len(tensor.shape) == 2:
+            values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+            yield tensor.name, tensor.tensor_type.name, int(tensor.n_bytes), values

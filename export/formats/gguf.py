@@ -9,7 +9,7 @@ from pathlib import Path
 
 from edgellm.artifacts import sha256_json
 from edgellm.export.formats import Format
-from edgellm.export.gguf import FLOAT_TYPES, GGUF_WEIGHTS
+from edgellm.export.gguf import BUDGET_TYPES, FLOAT_TYPES, GGUF_WEIGHTS
 
 MIXED = "mixed"  # the weights of a budget export: a type per tensor
 # per-tensor candidates: llama.cpp's symmetric types and k-quants; q4_1/q5_1 left out by
@@ -49,10 +49,10 @@ class GgufFormat(Format):
         if spec.candidates is not None:
             if spec.max_size_mb is None:
                 return "candidates only apply with max_size_mb"
-            unknown = [c for c in spec.candidates if c not in BUDGET_CANDIDATES + ("q4_1", "q5_1")]
+            unknown = [c for c in spec.candidates if c not in BUDGET_TYPES]
             if unknown or not spec.candidates:
                 return (f"candidates {', '.join(unknown) or '(none)'}: choose among "
-                        f"{', '.join(BUDGET_CANDIDATES)}, q4_1, q5_1")
+                        f"{', '.join(BUDGET_TYPES)}")
         if spec.imatrix and spec.weights in FLOAT_TYPES:
             return "imatrix only applies to quantized gguf weights (q8_0, q4_k_m, ...)"
         return None
