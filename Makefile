@@ -67,8 +67,8 @@ demo: install
 TEST_WORKERS ?= 2
 
 test: install test-tools
-	$(PY) -m pytest -q -ra -m slow; slow=$$?; \
-	$(PY) -m pytest -q -ra -m "not slow" -n $(TEST_WORKERS); fast=$$?; \
+	$(PY) -m pytest -q -ra --durations=12 -m slow; slow=$$?; \
+	$(PY) -m pytest -q -ra --durations=12 -m "not slow" -n $(TEST_WORKERS); fast=$$?; \
 	[ $$slow -eq 0 ] && [ $$fast -eq 0 ]
 
 test-fast: install test-tools

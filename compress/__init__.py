@@ -14,6 +14,7 @@ a recipe does not load torch's kernels for every method.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,9 @@ METHODS: dict[str, str] = {"gptq": "gptq", "smoothquant": "smoothquant", "magnit
 class Context:
     """What a method may need besides its options: calibration text settings, the variant's
     export target (GPTQ rounds onto its grid), a console for progress, a work folder, the
-    chain's original model (distillation's teacher) and a folder that survives an
-    interrupted step (its checkpoints; the method removes it when done)."""
+    chain's original model (distillation's teacher), a folder that survives an interrupted
+    step (its checkpoints; the method removes it when done) and, under a size budget, the
+    type the export gives each tensor (GPTQ solves each linear onto its own grid)."""
 
     calibration: Any = None  # recipe CalibrationSpec
     export: Any = None  # recipe ExportSpec of the variant, None outside a recipe
@@ -37,6 +39,9 @@ class Context:
     work: Path | None = None
     teacher: Path | None = None
     resume: Path | None = None
+    # for an export that chooses a type per tensor (a GGUF size budget): computes its plan,
+    # {"modules": {HF linear: ggml type}, "record": what the exporter writes from}
+    tensor_types: Callable[[], dict] | None = None
     extra: dict = field(default_factory=dict)
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edgellm.compress.hessians import collect_hessians, linear_layers, sharing_groups
 from edgellm.compress.solver import SHRINKS, gptq_quantize
 from edgellm.errors import UserError
-from edgellm.gptq_checkpoint import PackedLinear, to_checkpoint
+from edgellm.gptq_checkpoint import PackedLinear, dynamic_overrides, to_checkpoint
 from edgellm.grids import GRIDS, Grid, dequantize, grid_for_export, standalone_grid
 
 
@@ -53,9 +53,39 @@ def grid_of(options: Options, context) -> Grid:
     return grid
 
 
+def budget_of(context):
+    """The export's size budget when it chooses a type per tensor (a GGUF max_size_mb)."""
+    export = getattr(context, "export", None)
+    return getattr(export, "max_size_mb", None) if export is not None else None
+
+
+def check_budget_options(options: Options) -> None:
+    if options.bits is not None or options.group_size is not None or options.backend != "native":
+        raise UserError("GPTQ under a size budget takes each tensor's grid from the budget: "
+                        "leave bits, group_size and backend out")
+
+
+def module_grids(options: Options, context) -> tuple[dict[str, Grid | None], dict]:
+    """Under a size budget: {HF linear: the grid of the type the budget gave its tensor, or
+    None for a type GPTQ cannot solve onto (k-quants: left in float, the exporter's quantizer
+    rounds it)} and the budget's plan, which the checkpoint carries to the exporter."""
+    check_budget_options(options)
+    plan = context.tensor_types()
+    grids = {}
+    for module, kind in plan["modules"].items():
+        cls = GRIDS.get(kind.lower())
+        grids[module] = cls() if cls is not None and cls.gptq else None
+    return grids, plan
+
+
 def identity(options: Options, context) -> dict:
     """bits/group_size/grid/symmetric only choose the grid: name the grid instead."""
     chosen = options.model_dump(exclude={"bits", "group_size", "grid", "symmetric"})
+    if budget_of(context) is not None:  # the plan follows from the input, budget and calibration
+        check_budget_options(options)
+        del chosen["backend"]
+        return {**chosen, "grid": "per-tensor", "max_size_mb": budget_of(context),
+                "candidates": list(context.export.candidates or ())}
     grid = grid_of(options, context)
     if options.backend == "native":  # keeps the keys of steps cached before backends existed
         del chosen["backend"]
@@ -73,7 +103,12 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
     from edgellm.compress.calibration import calibration_ids
     from edgellm.compress.layerwise import stream_layers
 
-    grid = grid_of(options, context)
+    if budget_of(context) is not None:
+        grids, plan = module_grids(options, context)
+        grid_for, label = grids.get, "a type per tensor"
+    else:
+        grid, plan = grid_of(options, context), None
+        grid_for, label = (lambda _module: grid), grid.label
     cal = context.calibration
     ids = calibration_ids(source, cal.text, options.samples or cal.samples, cal.seqlen)
     if options.backend == "gptqmodel":
@@ -83,44 +118,62 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
         return
 
     def process(index: int, layer: torch.nn.Module, inputs) -> dict[str, torch.Tensor]:
-        return quantize_layer(layer, inputs, grid, options, f"model.layers.{index}")
+        return quantize_layer(layer, inputs, grid_for, options, f"model.layers.{index}")
 
     with Progress(console=context.console, transient=True) as progress:
-        progress.console.print(f"gptq: {grid.label} on {len(ids)}×{ids.shape[1]} calibration tokens")
+        progress.console.print(f"gptq: {label} on {len(ids)}×{ids.shape[1]} calibration tokens")
         stream_layers(source, dest, ids, process, progress)
-    write_quant_config(dest, grid, options)
+    if plan is None:
+        write_quant_config(dest, grid, options)
+    else:
+        write_mixed_config(dest, grids, plan["record"], options)
 
 
-def quantize_layer(layer: torch.nn.Module, inputs, grid: Grid, options: Options,
+def quantize_layer(layer: torch.nn.Module, inputs, grid_for, options: Options,
                    prefix: str) -> dict[str, torch.Tensor]:
-    """GPTQ every linear of one decoder layer in place; return the layer's tensors to store
-    (checkpoint parts for the linears, the rest as they are)."""
+    """GPTQ every linear of one decoder layer in place onto `grid_for(module name)` (None:
+    left in float); return the layer's tensors to store (checkpoint parts for the solved
+    linears, the rest as they are)."""
     linears = linear_layers(layer)
+    grids = {name: grid_for(f"{prefix}.{name}") for name in linears}
     for name, module in linears.items():
-        if module.in_features % grid.group:
-            raise UserError(f"GPTQ group size {grid.group} does not divide {prefix}.{name}'s "
+        if grids[name] is not None and module.in_features % grids[name].group:
+            raise UserError(f"GPTQ group size {grids[name].group} does not divide {prefix}.{name}'s "
                             f"{module.in_features} inputs: choose a group size that does")
     hessians = collect_hessians(layer, inputs)
-    stored = {}
-    for names in sharing_groups(hessians):
-        weights = torch.cat([linears[n].weight.data for n in names])
-        q, scale, zero = gptq_quantize(weights, hessians[names[0]].matrix(), grid,
-                                       options.act_order, options.damp, options.block,
-                                       SHRINKS if options.clip_search else (1.0,))
-        start = 0
-        for name in names:
-            rows = linears[name].out_features
-            part = slice(start, start + rows)
-            start += rows
-            linears[name].weight.data = dequantize(grid, q[part], scale[part], zero[part])
-            packed = PackedLinear(grid.stored(q[part]), scale[part], grid.stored(zero[part]),
-                                  grid.storage_bits, grid.group)
-            for key, tensor in to_checkpoint(packed).items():
-                stored[f"{name}.{key}"] = tensor
+    stored, solved = {}, set()
+    for sharing in sharing_groups(hessians):
+        by_grid: dict[Grid, list[str]] = {}
+        for name in sharing:
+            if grids[name] is not None:
+                by_grid.setdefault(grids[name], []).append(name)
+        for grid, names in by_grid.items():
+            stored.update(solve_group(linears, names, hessians[names[0]].matrix(), grid, options))
+            solved.update(names)
     for name, tensor in layer.state_dict().items():
         module, _, part = name.rpartition(".")
-        if module not in linears or part == "bias":  # biases stay float beside the integers
+        if module not in solved or part == "bias":  # biases stay float beside the integers
             stored[name] = tensor
+    return stored
+
+
+def solve_group(linears: dict, names: list[str], hessian: torch.Tensor, grid: Grid,
+                options: Options) -> dict[str, torch.Tensor]:
+    """GPTQ the linears `names` (one input, one Hessian) together onto `grid`; their weights
+    become the solved values, their checkpoint parts are returned."""
+    weights = torch.cat([linears[n].weight.data for n in names])
+    q, scale, zero = gptq_quantize(weights, hessian, grid, options.act_order, options.damp,
+                                   options.block, SHRINKS if options.clip_search else (1.0,))
+    stored, start = {}, 0
+    for name in names:
+        rows = linears[name].out_features
+        part = slice(start, start + rows)
+        start += rows
+        linears[name].weight.data = dequantize(grid, q[part], scale[part], zero[part])
+        packed = PackedLinear(grid.stored(q[part]), scale[part], grid.stored(zero[part]),
+                              grid.storage_bits, grid.group)
+        for key, tensor in to_checkpoint(packed).items():
+            stored[f"{name}.{key}"] = tensor
     return stored
 
 
@@ -135,5 +188,35 @@ def write_quant_config(dest: Path, grid: Grid, options: Options) -> None:
         "desc_act": False,
         "static_groups": options.act_order, "true_sequential": False,
         "damp_percent": options.damp, "edgellm_grid": grid.label,
+    }
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_mixed_config(dest: Path, grids: dict[str, Grid | None], record: dict,
+                       options: Options) -> None:
+    """A checkpoint whose linears sit on several grids: the most common grid's settings as
+    the checkpoint's, GPTQModel `dynamic` overrides for the others ("-:" for linears left
+    in float), each linear's grid (`edgellm_grids`) and the budget's plan, which the GGUF
+    exporter writes as it is (`edgellm_tensor_types`)."""
+    from collections import Counter
+
+    def settings(grid: Grid) -> tuple[int, int, bool]:
+        return grid.storage_bits, grid.group, grid.symmetric and grid.bits == grid.storage_bits
+
+    used = Counter(settings(g) for g in grids.values() if g is not None)
+    if not used:
+        raise UserError("the size budget gave no linear a type GPTQ solves onto (q4_0, q5_0, "
+                        "q8_0): add one of them to the candidates, or leave GPTQ out")
+    base = used.most_common(1)[0][0]
+    path = Path(dest) / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"] = {
+        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": base[0],
+        "group_size": base[1], "sym": base[2], "desc_act": False,
+        "static_groups": options.act_order, "true_sequential": False,
+        "damp_percent": options.damp, "edgellm_grid": "mixed",
+        "dynamic": dynamic_overrides({m: g and settings(g) for m, g in grids.items()}, base),
+        "edgellm_grids": {m: g and g.label for m, g in sorted(grids.items())},
+        "edgellm_tensor_types": record,
     }
     path.write_text(json.dumps(config, indent=2) + "\n")

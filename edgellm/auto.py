@@ -4,7 +4,9 @@ and keep the one that meets the budgets best, with the evidence in a report.
 Under a size budget alone, the choice is the best perplexity that fits; with a perplexity
 budget, it is the smallest file within it. The candidates are built and measured by the
 ordinary pipeline (in OUT, so a second budget reuses every build and measurement), and the
-report of the run says which was chosen and why.
+report of the run says which was chosen and why. Under a size budget the candidates also
+include "mixed": a GGUF with a type per tensor planned for that very budget
+(export/gguf_budget.py), measured beside the single types like any other.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from rich.console import Console
 from edgellm.errors import UserError
 
 DEFAULT_CANDIDATES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k")
+MIXED = "mixed"  # the candidate with a type per tensor, planned for the size budget
 
 
 class NoCandidateFits(UserError):
@@ -43,17 +46,19 @@ def choose_gguf(model: str, out: Path, console: Console, *,
         skip_built,
         start_run,
     )
-    from edgellm.recipe import EvalSpec, ExportSpec, ModelSpec, Recipe, VariantSpec
+    from edgellm.recipe import EvalSpec, ModelSpec, Recipe
 
     if max_size_mb is None and max_ppl_increase_pct is None:
         raise UserError("auto choice needs a budget: pass --max-size-mb and/or "
                         "--max-ppl-increase-pct")
-    to, weights = "gguf", candidates or list(DEFAULT_CANDIDATES)
+    to = "gguf"
+    weights = candidates or [*DEFAULT_CANDIDATES, *([MIXED] if max_size_mb is not None else [])]
+    if MIXED in weights and max_size_mb is None:
+        raise UserError("--candidates mixed plans a type per tensor for a size: give --max-size-mb")
     try:
         recipe = Recipe(model=ModelSpec(source=model, allow_pickle=allow_pickle),
                         eval=EvalSpec(text=text, max_tokens=max_tokens, ctx=ctx),
-                        variant=[VariantSpec(name=f"{to}-{w}", export=ExportSpec(format=to, weights=w))
-                                 for w in weights])
+                        variant=[candidate_variant(to, w, max_size_mb) for w in weights])
     except ValidationError as exc:  # an unknown candidate type: pydantic names it
         message = exc.errors()[0]["msg"].removeprefix("Value error, ")
         raise UserError(f"--candidates: {message}") from None
@@ -74,6 +79,17 @@ def choose_gguf(model: str, out: Path, console: Console, *,
         raise NoCandidateFits(f"no {to} type fits the budgets ({choice['budget_text']}): "
                               f"see {out / 'report.md'}; raise a budget or add --candidates")
     return _publish_choice(out, report, choice), choice
+
+
+def candidate_variant(to: str, weights: str, max_size_mb: float | None):
+    """The variant that builds one candidate: a single type, or a type per tensor within
+    the size budget (named by it, so each budget keeps its own)."""
+    from edgellm.recipe import ExportSpec, VariantSpec
+
+    if weights == MIXED:
+        return VariantSpec(name=f"{to}-{MIXED}-{max_size_mb:g}mb",
+                           export=ExportSpec(format=to, max_size_mb=max_size_mb))
+    return VariantSpec(name=f"{to}-{weights}", export=ExportSpec(format=to, weights=weights))
 
 
 def pick(rows: list[dict], max_size_mb: float | None,

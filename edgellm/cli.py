@@ -124,7 +124,8 @@ def export(
     max_ppl_increase_pct: Annotated[float | None, typer.Option(
         help="Auto choice: keep the smallest GGUF type within this perplexity increase.")] = None,
     candidates: Annotated[str | None, typer.Option(
-        help="Auto choice: comma-separated GGUF types to try (default f16 … q2_k).")] = None,
+        help="Auto choice: comma-separated GGUF types to try (default f16 … q2_k, and "
+             "mixed: a type per tensor planned for --max-size-mb).")] = None,
     text: Annotated[str, typer.Option(help="Auto choice: evaluation text.")]
     = "wikitext-2-raw-test",
     max_tokens: Annotated[int, typer.Option(min=1, help="Auto choice: tokens scored.")] = 16384,

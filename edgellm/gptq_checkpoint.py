@@ -14,6 +14,7 @@ Written by hand: GPTQModel would pull its own torch pin just to pack integers.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +104,6 @@ def is_gptq_folder(folder: Path) -> bool:
 def read_packed(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str, PackedLinear]:
     """{linear name: PackedLinear} from a checkpoint's tensors (all of them, by name)."""
     config = gptq_config(json.loads((Path(folder) / "config.json").read_text()))
-    bits, group = int(config["bits"]), int(config["group_size"])
     if config.get("checkpoint_format", "gptq") != "gptq":
         raise UserError(f"GPTQ checkpoint {folder} has checkpoint_format "
                         f"'{config['checkpoint_format']}': edgellm reads 'gptq' (v1) checkpoints")
@@ -115,8 +115,37 @@ def read_packed(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Pac
             raise UserError(f"GPTQ checkpoint {folder} lacks {prefix}.{missing[0]}: the folder is "
                             "incomplete; download or write it again")
         parts = {p: tensors[f"{prefix}.{p}"] for p in PARTS if f"{prefix}.{p}" in tensors}
+        bits, group = module_settings(config, prefix)
         layers[prefix] = from_checkpoint(parts, bits, group, prefix)
     return layers
+
+
+def module_settings(config: dict, module: str) -> tuple[int, int]:
+    """(bits, group size) of one linear: the checkpoint's, or a GPTQModel `dynamic`
+    override whose pattern matches the module's name ("+:" or no prefix: these settings;
+    "-:" marks a module left unquantized, which has no qweight)."""
+    bits, group = int(config["bits"]), int(config["group_size"])
+    for pattern, settings in (config.get("dynamic") or {}).items():
+        if pattern.startswith("-:"):
+            continue
+        if re.match(pattern.removeprefix("+:"), module):
+            return int(settings.get("bits", bits)), int(settings.get("group_size", group))
+    return bits, group
+
+
+def dynamic_overrides(settings: dict[str, tuple[int, int, bool] | None],
+                      base: tuple[int, int, bool]) -> dict[str, dict]:
+    """GPTQModel `dynamic` entries for modules whose (bits, group, sym) differ from the
+    checkpoint's `base`, and "-:" for modules left in float (None), by exact name."""
+    dynamic = {}
+    for module, setting in sorted(settings.items()):
+        pattern = f"^{re.escape(module)}$"
+        if setting is None:
+            dynamic[f"-:{pattern}"] = {}
+        elif setting != base:
+            bits, group, sym = setting
+            dynamic[f"+:{pattern}"] = {"bits": bits, "group_size": group, "sym": sym}
+    return dynamic
 
 
 def dequantized_state(folder: Path) -> dict[str, torch.Tensor]:

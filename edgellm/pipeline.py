@@ -10,6 +10,7 @@ versions) changes; a measurement is redone only when its own key changes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -241,8 +242,7 @@ def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: 
     for step in variant.compress:
         model_dir, model_key = build_step(step.model_dump(), model_dir, model_key, out,
                                           variant.export, calibration, console)
-    work = out / WORK / f"ref-{model_key[:12]}"
-    work.mkdir(parents=True, exist_ok=True)
+    work = model_work(out, model_key)
     status = f"{variant.name}: exporting {variant.export.format} {variant.export.weights}"
     with staged_dir(folder) as staging, console.status(status):
         target.export(model_dir, staging, variant.export, variant.name, work, calibration)
@@ -289,14 +289,25 @@ def measure_variant(name: str, export: ExportSpec, steps: list[str], folder: Pat
 
 
 
+def model_work(out: Path, model_key: str) -> Path:
+    """OUT/_work/ref-KEY: the intermediates made from one model (its f32 GGUF, importance
+    matrix, Fisher pass), shared by every export and step that reads that model."""
+    work = out / WORK / f"ref-{model_key[:12]}"
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
 def build_step(step: dict, model_dir: Path, model_key: str, out: Path, export: ExportSpec,
                calibration, console: Console) -> tuple[Path, str]:
     """Run one compression step on the HF folder `model_dir` into OUT/_work/steps/, once:
     variants sharing a chain prefix (same inputs, options, calibration) share its output."""
     from edgellm.compress import Context, step_identity
 
+    target = format_of(export.format)
     context = Context(calibration=calibration, export=export, console=console,
-                      work=out / WORK, teacher=out / REFERENCE)
+                      work=out / WORK, teacher=out / REFERENCE,
+                      tensor_types=partial(target.tensor_plan, model_dir, export,
+                                           model_work(out, model_key), calibration))
     key = sha256_json({"input": model_key, "tools": tool_versions(STEP_TOOLS),
                        **step_identity(step, context)})
     folder = out / WORK / "steps" / f"{step['method']}-{key[:12]}"

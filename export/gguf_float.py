@@ -64,10 +64,17 @@ def dequantized_folder(folder: Path, work: Path) -> Path:
     return dest
 
 
+# what llama.cpp's converter would read off the folder's name: edgellm's folders are named
+# by their role and key (reference, steps/gptq-<key>, dequantized-<key>), never the model's
+FOLDER_NAME_KEYS = ("general.organization", "general.basename", "general.finetune",
+                    "general.version")
+
+
 def source_general(folder: Path) -> dict:
     """general.* metadata the source carried (a GGUF's own, or the source's name), which
-    apps such as LM Studio and Ollama show; not the output folder's name."""
+    apps such as LM Studio and Ollama show; not the output folder's name: the keys the
+    converter would guess from it are cleared, so every GGUF made from one source carries
+    the same metadata whichever compressed or dequantized folder it came from."""
     meta_path = Path(folder) / SOURCE_META
-    if not meta_path.is_file():
-        return {}
-    return json.loads(meta_path.read_text()).get("general") or {}
+    general = json.loads(meta_path.read_text()).get("general") or {} if meta_path.is_file() else {}
+    return {**dict.fromkeys(FOLDER_NAME_KEYS), **general}

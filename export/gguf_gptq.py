@@ -45,7 +45,8 @@ def write_gptq_gguf(folder: Path, out_path: Path, weights: str, work: Path) -> N
 
     source = f32_intermediate(folder, work)
     grid = GGUF_GRIDS[weights]()
-    rows = RowIndex(packed_linears(folder), grid)
+    linears = packed_linears(folder)
+    rows = RowIndex(linears, dict.fromkeys(linears, grid))
     reader = gguf.GGUFReader(source)
     arch = str(reader.fields["general.architecture"].contents())
     with atomic_path(out_path) as tmp:
@@ -75,13 +76,16 @@ def packed_linears(folder: Path) -> dict[str, PackedLinear]:
 
 
 class RowIndex:
-    """Each dequantized row of every GPTQ linear, by the hash of its f32 bytes → its blocks."""
+    """Each dequantized row of every GPTQ linear, by the hash of its f32 bytes → its blocks,
+    packed by that linear's grid (linears without one in `grids` are left out)."""
 
-    def __init__(self, linears: dict[str, PackedLinear], grid: GgufGrid):
+    def __init__(self, linears: dict[str, PackedLinear], grids: dict[str, GgufGrid]):
         self.by_hash: dict[bytes, tuple[str, int]] = {}
         self.blocks: dict[str, np.ndarray] = {}
-        self.unused = set(linears)
-        for name, linear in linears.items():
+        self.types = {name: grid.ggml_type for name, grid in grids.items()}
+        self.unused = set(grids)
+        for name, grid in grids.items():
+            linear = linears[name]
             if not grid.holds(linear):
                 raise UserError(f"GPTQ tensor {name} is not on the {grid.label} grid: export it "
                                 "as f16 or another type")
@@ -89,14 +93,18 @@ class RowIndex:
             for index, row in enumerate(linear.dequantize().numpy().astype(np.float32)):
                 self.by_hash.setdefault(row_hash(row), (name, index))
 
-    def rows_of(self, matrix: np.ndarray) -> np.ndarray | None:
-        """The packed block rows of `matrix`'s rows, or None when any row is not GPTQ's."""
+    def rows_of(self, matrix: np.ndarray) -> tuple[np.ndarray, str] | None:
+        """(the packed block rows of `matrix`'s rows, their ggml type), or None when any row
+        is not GPTQ's or its rows come from linears of different types."""
         found = [self.by_hash.get(row_hash(row)) for row in matrix]
         if not found or any(f is None for f in found):
             return None
+        kinds = {self.types[name] for name, _ in found}
+        if len(kinds) != 1:
+            return None
         for name, _ in found:
             self.unused.discard(name)
-        return np.stack([self.blocks[name][index] for name, index in found])
+        return np.stack([self.blocks[name][index] for name, index in found]), kinds.pop()
 
 
 def row_hash(row: np.ndarray) -> bytes:
@@ -108,21 +116,68 @@ def encode_tensor(tensor, rows: RowIndex, grid: GgufGrid):
     data = np.asarray(tensor.data, dtype=np.float32)
     if data.ndim != 2:
         return data, None
-    packed = rows.rows_of(data)
-    if packed is not None:
-        return packed, gguf.GGMLQuantizationType[grid.ggml_type]
+    found = rows.rows_of(data)
+    if found is not None:
+        return found[0], gguf.GGMLQuantizationType[grid.ggml_type]
     if data.shape[1] % 32:
         return data.astype(np.float16), None
     kind = gguf.GGMLQuantizationType.Q8_0
     return gguf.quants.quantize(data, kind), kind
 
 
-def copy_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, file_type) -> None:
-    """Every metadata field of the f32 GGUF, its file type replaced."""
+def carry_gptq_blocks(folder: Path, path: Path, f32_gguf: Path) -> int:
+    """Rewrite the GGUF llama.cpp wrote at `path` (from `f32_gguf`, the checkpoint's
+    dequantized weights) with every matrix GPTQ solved onto the type the file gives it
+    stored as the checkpoint's own blocks; the rest as llama.cpp wrote it. Returns how many
+    matrices were carried."""
+    linears = packed_linears(folder)
+    rows = RowIndex(linears, checkpoint_grids(folder, linears))
+    written = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type.name for t in written.tensors}
+    carried = {}
+    for tensor in gguf.GGUFReader(f32_gguf).tensors:
+        if len(tensor.shape) == 2:
+            found = rows.rows_of(np.asarray(tensor.data, dtype=np.float32))
+            if found is not None and found[1] == types.get(tensor.name):
+                carried[tensor.name] = found[0]
+    arch = str(written.fields["general.architecture"].contents())
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        copy_fields(written, writer)
+        for tensor in written.tensors:
+            data = carried.get(tensor.name, tensor.data)
+            raw = tensor.tensor_type if data.dtype == np.uint8 else None
+            writer.add_tensor(tensor.name, data, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return len(carried)
+
+
+def checkpoint_grids(folder: Path, linears: dict[str, PackedLinear]) -> dict[str, GgufGrid]:
+    """The GGUF grid of each GPTQ linear that has one: recorded per linear (a checkpoint
+    solved under a size budget), for the whole checkpoint, or read from its settings."""
+    quant = gptq_config(json.loads((Path(folder) / "config.json").read_text()))
+    if "edgellm_grids" in quant:
+        labels = quant["edgellm_grids"]
+        return {n: GGUF_GRIDS[labels[n]]() for n in linears if labels.get(n) in GGUF_GRIDS}
+    for cls in GGUF_GRIDS.values():
+        grid = cls()
+        recorded = quant.get("edgellm_grid")
+        if (same_grid(recorded, grid) if recorded else
+                grid.takes_checkpoint(int(quant["bits"]), int(quant["group_size"]),
+                                      bool(quant.get("sym")))):
+            return dict.fromkeys(linears, grid)
+    return {}
+
+
+def copy_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, file_type=None) -> None:
+    """Every metadata field of a GGUF, its file type replaced when one is given."""
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
-        if key == "general.file_type":
+        if key == "general.file_type" and file_type is not None:
             writer.add_file_type(file_type)
             continue
         kind = field.types[0]

@@ -54,6 +54,24 @@ def test_size_budgets_on_the_tiny_model_measure_what_fits_and_keep_its_best(tmp_
             assert "built" not in result.stdout  # the second budget reused every build
 
 
+def test_a_type_per_tensor_planned_for_the_budget_is_a_candidate(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    args = ["export", tiny_llama, "--candidates", "q8_0,q4_0,mixed", "--max-tokens", 512,
+            "--ctx", 64, "--out", out]
+    assert run_cli(*args, "--max-size-mb", 1.0).returncode == 0
+    sizes = {r["name"]: r["size_bytes"] for r in json.loads((out / "report.json").read_text())["variants"]}
+    budget = (sizes["gguf-q4_0"] + sizes["gguf-q8_0"]) / 2 / 1e6  # q8_0 no longer fits
+    result = run_cli(*args, "--max-size-mb", budget)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in report["variants"][1:]}
+    mixed = rows[f"gguf-mixed-{budget:g}mb"]
+    assert mixed["weights"] == "mixed" and mixed["size_bytes"] <= budget * 1e6
+    assert mixed["size_bytes"] > sizes["gguf-q4_0"] and len(mixed["tensor_types"]) >= 2
+    assert set(rows) == {"gguf-q4_0", f"gguf-mixed-{budget:g}mb"}  # q8_0 built, not measured
+    assert report["choice"]["chosen"] == min(rows, key=lambda n: rows[n]["ppl"])
+
+
 def test_no_candidate_within_budget_exits_1_with_the_report(tmp_path, tiny_llama):
     out = tmp_path / "out"
     result = run_cli("export", tiny_llama, "--candidates", "q8_0,q4_0", "--max-tokens", 512,
@@ -68,6 +86,7 @@ def test_no_candidate_within_budget_exits_1_with_the_report(tmp_path, tiny_llama
     (["--to", "onnx", "--max-size-mb", 10], "with --to gguf"),
     (["--weights", "q4_0", "--max-size-mb", 10], "without --weights"),
     (["--candidates", "q9_9", "--max-size-mb", 10], "weights 'q9_9' not available"),
+    (["--candidates", "q4_0,mixed", "--max-ppl-increase-pct", 5], "give --max-size-mb"),
 ])
 def test_bad_auto_choice_options_are_one_line(tmp_path, tiny_llama, args, message):
     result = run_cli("export", tiny_llama, *args, "--out", tmp_path / "o")

@@ -109,6 +109,10 @@ export = { format = "gguf", weights = "q8_0" }
 [[variant]]
 name = "budget"
 export = {{ format = "gguf", max_size_mb = {budget_mb}, candidates = ["q4_0", "q5_0", "q8_0"] }}
+[[variant]]
+name = "gptq-budget"
+compress = [{{ method = "gptq" }}]
+export = {{ format = "gguf", max_size_mb = {budget_mb}, candidates = ["q4_0", "q5_0", "q8_0"] }}
 """)
     result = run_cli("run", recipe, "--out", out)
     assert result.returncode == 0, result.stderr
@@ -123,3 +127,46 @@ export = {{ format = "gguf", max_size_mb = {budget_mb}, candidates = ["q4_0", "q
     assert row["weights"] == "mixed" and row["predicted_kl"] == plan["predicted_kl"]
     assert sum(v["bytes"] for v in row["tensor_types"].values()) <= row["size_bytes"]
     assert "Tensor types of budget (chosen for ≤" in (out / "report.md").read_text()
+
+    check_gptq_blocks_carried_under_the_budget(out, plan, budget_mb)
+
+
+def check_gptq_blocks_carried_under_the_budget(out, plan, budget_mb):
+    """GPTQ under the same budget solves each decoder linear onto the type the plan gives
+    it (several grids in one checkpoint) and the file stores those integers as they are."""
+    import gguf
+    import numpy as np
+
+    from edgellm.gptq_checkpoint import dequantized_state
+
+    path = out / "gptq-budget" / "model.gguf"
+    carried = json.loads((out / "gptq-budget" / "allocation.json").read_text())
+    assert carried["tensor_types"] == plan["tensor_types"]  # planned on the same float model
+    assert path.stat().st_size <= budget_mb * 1e6
+    decoder = [n for n in plan["tensor_types"] if n.startswith("blk.")]
+    assert carried["gptq_tensors"] == len(decoder) > 0
+    (step,) = [p for p in (out / "_work" / "steps").glob("gptq-*") if p.suffix != ".resume"]
+    state = dequantized_state(step)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    for layer in range(2):
+        stored = tensors[f"blk.{layer}.ffn_down.weight"]
+        assert stored.tensor_type.name == plan["tensor_types"][stored.name]
+        values = gguf.quants.dequantize(np.asarray(stored.data), stored.tensor_type)
+        solved = state[f"model.layers.{layer}.mlp.down_proj.weight"].numpy()
+        assert np.array_equal(values.reshape(solved.shape), solved)
+    config = json.loads((step / "config.json").read_text())["quantization_config"]
+    assert config["edgellm_grid"] == "mixed"
+    assert config["edgellm_tensor_types"]["tensor_types"] == plan["tensor_types"]
+
+
+def test_gptq_under_a_budget_takes_its_grids_from_the_budget(tmp_path, tiny_llama):
+    recipe = write_tiny_recipe(tmp_path / "recipe.toml", tiny_llama, """
+[[variant]]
+name = "b"
+compress = [{ method = "gptq", bits = 4 }]
+export = { format = "gguf", max_size_mb = 10 }
+""")
+    result = run_cli("run", recipe, "--out", tmp_path / "out")
+    assert result.returncode == 2 and "leave bits, group_size and backend out" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -219,7 +219,7 @@ def test_wanda_halves_the_weights_within_its_quality_bar_at_the_dense_size(demo)
 
 def test_auto_choice_picks_a_different_type_for_each_budget(tmp_path):
     out = tmp_path / "auto"
-    base = ["export", "smollm2-135m", "--candidates", "q8_0,q4_k_m,q4_0", "--max-tokens", 2048,
+    base = ["export", "smollm2-135m", "--candidates", "q8_0,q4_k_m,q4_0", "--max-tokens", 1024,
             "--out", out]
     chosen = {}
     for budget in (["--max-size-mb", 150], ["--max-size-mb", 100],

@@ -78,6 +78,12 @@ class Format:
         """Bytes of intermediates under OUT/_work an export of `weights` leaves."""
         return 0
 
+    def tensor_plan(self, model_dir: Path, spec, work: Path, calibration) -> dict | None:
+        """For a spec that gives each tensor its own type: {"modules": {HF linear: type},
+        "record": the plan the export writes}, worked out on `model_dir` (a compress step
+        before the export, GPTQ, solves each linear onto its type); None otherwise."""
+        return None
+
     def export(self, model_dir: Path, staging: Path, spec, name: str, work: Path,
                calibration=None) -> Path:
         """Write the artifact for `spec` from the HF folder `model_dir` into `staging`

@@ -99,23 +99,35 @@ class GgufFormat(Format):
             row["max_size_mb"] = record["max_size_mb"]
         return row
 
+    def tensor_plan(self, model_dir: Path, spec, work: Path, calibration) -> dict | None:
+        if spec.max_size_mb is None:
+            return None
+        from edgellm.export.gguf_budget import budget_plan, plan_modules
+
+        record = budget_plan(model_dir, spec, work, imatrix_for(model_dir, work, calibration),
+                             calibration)
+        return {"modules": plan_modules(model_dir, record), "record": record}
+
     def export(self, model_dir: Path, staging: Path, spec, name: str, work: Path,
                calibration=None) -> Path:
         from edgellm.export.gguf import export_gguf
 
-        imatrix = None
-        if spec.imatrix:
-            from edgellm.export.imatrix import compute_imatrix
-
-            key = sha256_json(calibration.model_dump())[:12]
-            imatrix = compute_imatrix(model_dir, calibration.text, calibration.samples,
-                                      calibration.seqlen, work / f"imatrix-{key}.npz")
+        imatrix = imatrix_for(model_dir, work, calibration) if spec.imatrix else None
         if spec.max_size_mb is not None:
             from edgellm.export.gguf_budget import export_budget_gguf
 
             return export_budget_gguf(model_dir, self.artifact_path(staging), spec, work,
                                       imatrix, calibration)
         return export_gguf(model_dir, self.artifact_path(staging), spec.weights, work, imatrix)
+
+
+def imatrix_for(model_dir: Path, work: Path, calibration) -> dict:
+    """llama.cpp's importance matrix of `model_dir` on the calibration text, cached in `work`."""
+    from edgellm.export.imatrix import compute_imatrix
+
+    key = sha256_json(calibration.model_dump())[:12]
+    return compute_imatrix(model_dir, calibration.text, calibration.samples, calibration.seqlen,
+                           work / f"imatrix-{key}.npz")
 
 
 FORMAT = GgufFormat()
