@@ -147,7 +147,10 @@ def check_gptq_blocks_carried_under_the_budget(out, plan, budget_mb):
     assert carried["gptq_tensors"] == len(decoder) > 0
     (step,) = [p for p in (out / "_work" / "steps").glob("gptq-*") if p.suffix != ".resume"]
     state = dequantized_state(step)
-    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    # no name read off edgellm's folders (dequantized-<key> once gave basename "dequantized")
+    assert "general.basename" not in reader.fields and "general.finetune" not in reader.fields
     for layer in range(2):
         stored = tensors[f"blk.{layer}.ffn_down.weight"]
         assert stored.tensor_type.name == plan["tensor_types"][stored.name]
