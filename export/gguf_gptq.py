@@ -48,17 +48,8 @@ def write_gptq_gguf(folder: Path, out_path: Path, weights: str, work: Path) -> N
     linears = packed_linears(folder)
     rows = RowIndex(linears, dict.fromkeys(linears, grid))
     reader = gguf.GGUFReader(source)
-    arch = str(reader.fields["general.architecture"].contents())
-    with atomic_path(out_path) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
-        copy_fields(reader, writer, file_type=gguf.LlamaFileType[grid.file_type])
-        for tensor in reader.tensors:
-            data, raw = encode_tensor(tensor, rows, grid)
-            writer.add_tensor(tensor.name, data, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+    write_like(reader, out_path, ((t.name, *encode_tensor(t, rows, grid)) for t in reader.tensors),
+               file_type=gguf.LlamaFileType[grid.file_type])
     if rows.unused:
         raise UserError(f"GPTQ linears {', '.join(sorted(rows.unused)[:3])} of {folder} were not "
                         "found in the converted GGUF: export it as f16 or another type")
@@ -140,18 +131,9 @@ def carry_gptq_blocks(folder: Path, path: Path, f32_gguf: Path) -> int:
             found = rows.rows_of(np.asarray(tensor.data, dtype=np.float32))
             if found is not None and found[1] == types.get(tensor.name):
                 carried[tensor.name] = found[0]
-    arch = str(written.fields["general.architecture"].contents())
-    with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
-        copy_fields(written, writer)
-        for tensor in written.tensors:
-            data = carried.get(tensor.name, tensor.data)
-            raw = tensor.tensor_type if data.dtype == np.uint8 else None
-            writer.add_tensor(tensor.name, data, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+    tensors = ((t.name, carried.get(t.name, t.data), t.tensor_type) for t in written.tensors)
+    write_like(written, path, ((name, data, kind if data.dtype == np.uint8 else None)
+                               for name, data, kind in tensors))
     return len(carried)
 
 
@@ -162,14 +144,23 @@ def checkpoint_grids(folder: Path, linears: dict[str, PackedLinear]) -> dict[str
     if "edgellm_grids" in quant:
         labels = quant["edgellm_grids"]
         return {n: GGUF_GRIDS[labels[n]]() for n in linears if labels.get(n) in GGUF_GRIDS}
-    for cls in GGUF_GRIDS.values():
-        grid = cls()
-        recorded = quant.get("edgellm_grid")
-        if (same_grid(recorded, grid) if recorded else
-                grid.takes_checkpoint(int(quant["bits"]), int(quant["group_size"]),
-                                      bool(quant.get("sym")))):
-            return dict.fromkeys(linears, grid)
-    return {}
+    fitting = [name for name in GGUF_GRIDS if gguf_blocks_fit(folder, name)]
+    return dict.fromkeys(linears, GGUF_GRIDS[fitting[0]]()) if fitting else {}
+
+
+def write_like(reader: gguf.GGUFReader, out_path: Path, tensors, file_type=None) -> None:
+    """Write `out_path` atomically with `reader`'s metadata (its file type replaced when one
+    is given) and `tensors`, (name, data, raw GGML type or None) in file order."""
+    arch = str(reader.fields["general.architecture"].contents())
+    with atomic_path(out_path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        copy_fields(reader, writer, file_type)
+        for name, data, raw in tensors:
+            writer.add_tensor(name, data, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
 
 
 def copy_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, file_type=None) -> None:
