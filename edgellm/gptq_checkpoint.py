@@ -170,25 +170,13 @@ def dequantized_state(folder: Path) -> dict[str, torch.Tensor]:
 def load_dequantized(folder: Path, dtype=torch.float32):
     """A transformers model from a GPTQ checkpoint folder, weights dequantized: the torch
     reference of what the exports compute (no GPTQ kernels needed)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from edgellm.empty_model import assign_state, empty_model, plain_config
 
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    from accelerate import init_empty_weights
-
-    # parameters on meta, buffers real (Gemma 3's embedding scale is a non-persistent buffer)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = dequantized_state(folder)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        name = (missing or unexpected)[0]
-        raise UserError(f"GPTQ checkpoint {folder} does not match its config ({name}): "
-                        "the folder is incomplete or from another model")
+    config = plain_config(folder)
+    model = empty_model(config, dtype)
+    assign_state(model, dequantized_state(folder),
+                 f"GPTQ checkpoint {folder} does not match its config ({{name}}): "
+                 "the folder is incomplete or from another model")
     if config.tie_word_embeddings:
         model.tie_weights()
-    # buffers made on meta (rotary frequencies) are recomputed on the CPU
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     return model.to(dtype).eval()

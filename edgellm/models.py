@@ -186,15 +186,20 @@ def load_model(source: ModelSource, dtype: str = "float32"):
 def load_folder_model(folder: Path, dtype: str = "float32", runtime_quantization: bool = False):
     """A causal LM from a local HF folder edgellm wrote or was given; a GPTQ checkpoint
     is dequantized (the same weights the GGUF and ONNX exports compute with). With
-    `runtime_quantization`, a folder marked for torch int8 is quantized as it loads (what
-    the torch runtime does; compression steps read the float weights)."""
+    `runtime_quantization`, a torch int8 folder computes with its int8 tensors (what the
+    torch runtime does); without it, it is dequantized (compression steps read float weights)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from edgellm.gptq_checkpoint import is_gptq_folder, load_dequantized
+    from edgellm.torch_int8 import is_int8_folder, load_int8_model
 
     quiet_transformers()
-    if is_gptq_folder(folder):
+    if is_int8_folder(folder):
+        model = load_int8_model(Path(folder), dequantize=not runtime_quantization)
+        if not runtime_quantization:
+            model = model.to(getattr(torch, dtype))
+    elif is_gptq_folder(folder):
         model = load_dequantized(Path(folder), getattr(torch, dtype))
     else:
         model, info = AutoModelForCausalLM.from_pretrained(
@@ -202,8 +207,6 @@ def load_folder_model(folder: Path, dtype: str = "float32", runtime_quantization
             output_loading_info=True)
         check_loading_info(info, folder)
         model.eval()
-    if runtime_quantization and getattr(model.config, RUNTIME_QUANT_KEY, None) == "int8-dynamic":
-        int8_dynamic(model, folder)
     return model
 
 
@@ -218,8 +221,9 @@ def check_weights_cover_config(source: ModelSource) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from edgellm.gptq_checkpoint import is_gptq_folder
+    from edgellm.torch_int8 import is_int8_folder
 
-    if is_gptq_folder(folder):  # packed tensor names; checked by its own reader
+    if is_gptq_folder(folder) or is_int8_folder(folder):  # their own tensor names and readers
         return
     quiet_transformers()
     try:
@@ -271,30 +275,6 @@ def context_length(source: ModelSource, config: dict | None) -> int | None:
     else:
         value = (config or {}).get("max_position_embeddings")
     return value if isinstance(value, int) and value > 0 else None
-
-
-RUNTIME_QUANT_KEY = "edgellm_runtime_quantization"
-
-
-def int8_dynamic(model, folder: Path) -> None:
-    """torchao dynamic INT8 on every linear layer but the lm_head: int8 weights per output
-    channel, activations quantized to int8 per token at run time."""
-    import logging
-
-    import torch
-
-    for name in ("torchao", "torch.utils._pytree"):  # CUDA-kernel load notices on CPU builds
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-    except ImportError:
-        raise UserError(f"model {folder} asks for torch int8, which needs torchao: "
-                        "pip install 'edgellm[int8]' (or make install)") from None
-
-    def is_body_linear(module, fqn: str) -> bool:
-        return isinstance(module, torch.nn.Linear) and fqn != "lm_head"
-
-    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=is_body_linear)
 
 
 def drop_gguf_quantizer(model) -> None:

@@ -13,7 +13,7 @@ from edgellm import __version__
 # tests/test_registries.py checks they are all here
 TOOL_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "gguf",
                  "llama-cpp-python", "onnx", "onnx-ir", "onnxruntime", "onnxruntime-genai",
-                 "torchao", "mlx", "mlx-lm")
+                 "mlx", "mlx-lm")
 STEP_TOOLS = ("torch", "transformers")  # compression steps and the saved reference
 
 

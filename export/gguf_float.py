@@ -15,13 +15,14 @@ from edgellm.source_meta import SOURCE_META
 
 
 def write_float_gguf(folder: Path, out_path: Path, weights: str, work: Path) -> None:
-    """Convert an HF folder to a float GGUF with llama.cpp's converter (a GPTQ checkpoint is
-    dequantized first, into `work`)."""
+    """Convert an HF folder to a float GGUF with llama.cpp's converter (a GPTQ checkpoint or
+    a torch int8 folder is dequantized first, into `work`)."""
     from edgellm.export.llama_converter import convert
     from edgellm.gptq_checkpoint import is_gptq_folder
+    from edgellm.torch_int8 import is_int8_folder
 
     folder = Path(folder)
-    if is_gptq_folder(folder):
+    if is_gptq_folder(folder) or is_int8_folder(folder):
         folder = dequantized_folder(folder, work)
     config = json.loads((folder / "config.json").read_text())
     family = family_of(config, str(folder))
@@ -42,12 +43,13 @@ def f32_intermediate(folder: Path, work: Path) -> Path:
 
 
 def dequantized_folder(folder: Path, work: Path) -> Path:
-    """The float weights a GPTQ checkpoint computes with, saved once as an HF folder."""
+    """The float weights a GPTQ checkpoint (or an int8 folder) computes with, saved once as
+    an HF folder."""
     import shutil
 
     from edgellm.artifacts import sha256_files
-    from edgellm.gptq_checkpoint import load_dequantized
     from edgellm.model_folder import copy_side_files
+    from edgellm.models import load_folder_model
 
     key = sha256_files(sorted(folder.glob("*.safetensors")))[:12]
     dest = work / f"dequantized-{key}"
@@ -56,7 +58,7 @@ def dequantized_folder(folder: Path, work: Path) -> Path:
     staging = work / f".dequantized-{key}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        load_dequantized(folder).save_pretrained(staging, safe_serialization=True)
+        load_folder_model(folder).save_pretrained(staging, safe_serialization=True)
         copy_side_files(folder, staging, overwrite=False)
         staging.replace(dest)
     finally:

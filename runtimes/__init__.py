@@ -36,7 +36,7 @@ class RuntimeEntry:
 # runtime name (its `name` attribute) → where it lives. One line per runtime.
 RUNTIMES = {
     "torch": RuntimeEntry("edgellm.runtimes.pytorch", "TorchRuntime", ("torch",),
-                          ("torch", "transformers", "torchao")),
+                          ("torch", "transformers")),
     "llama.cpp": RuntimeEntry("edgellm.runtimes.llamacpp", "LlamaCppRuntime", ("gguf",),
                               ("llama-cpp-python",)),
     "onnxruntime": RuntimeEntry("edgellm.runtimes.ort", "OrtRuntime", ("onnx", "ort"),

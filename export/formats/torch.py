@@ -1,14 +1,20 @@
-"""torch: the HF folder itself, run by transformers; `int8` marks it for torchao's dynamic
-INT8 when the runtime loads it (the weights stay float on disk: torchao's int8 tensors have
-no portable file format)."""
+"""torch: an HF folder run by transformers. `f32` is the folder itself; `int8` stores every
+linear and the token embedding as int8 codes with one float32 scale per row, which the torch
+runtime computes with as stored (edgellm/torch_int8.py: layout, kernels, measured speed)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from edgellm.export.formats import Format
+
+NOT_COPIED = ("manifest.json", "measurement.json")
+
+
+def is_weight_file(name: str) -> bool:
+    """What the int8 export writes anew: the weights (sharded or not) and config.json."""
+    return name == "config.json" or name.endswith((".safetensors", ".safetensors.index.json"))
 
 
 class TorchFormat(Format):
@@ -17,30 +23,25 @@ class TorchFormat(Format):
     weights = ("f32", "int8")
     lossless = None  # `edgellm export` writes deployable formats only
     runtimes = ("torch",)
-    build_tools = ("torch", "transformers", "torchao")
+    build_tools = ("torch", "transformers", "safetensors")
     memory_factor = 2.5
     own_rope = False  # transformers runs the model's own rope
 
     def bits_per_weight(self, weights: str) -> float:
-        return 32.0  # float on disk whatever the weights (int8 happens at load)
+        return 8.0 if weights == "int8" else 32.0  # int8: per-row scales add 32 bits a row
 
     def export(self, model_dir: Path, staging: Path, spec, name: str, work: Path,
                calibration=None) -> Path:
+        int8 = spec.weights == "int8"
         for path in model_dir.iterdir():
-            if path.is_file() and path.name not in ("manifest.json", "measurement.json"):
+            if path.is_file() and path.name not in NOT_COPIED and not (int8 and is_weight_file(path.name)):
                 shutil.copy2(path, staging / path.name)
-        if spec.weights == "int8":
-            mark_int8_dynamic(staging / "config.json")
+        if int8:
+            from edgellm.models import load_folder_model
+            from edgellm.torch_int8 import write_int8_folder
+
+            write_int8_folder(load_folder_model(model_dir), staging)
         return self.artifact_path(staging)
-
-
-def mark_int8_dynamic(config_path: Path) -> None:
-    """Tell the torch runtime to quantize this folder with torchao dynamic INT8 on load."""
-    from edgellm.models import RUNTIME_QUANT_KEY
-
-    config = json.loads(config_path.read_text())
-    config[RUNTIME_QUANT_KEY] = "int8-dynamic"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 FORMAT = TorchFormat()

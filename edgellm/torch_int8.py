@@ -1,0 +1,219 @@
+"""Torch INT8 artifacts: int8 weights with one float32 scale per output row, stored in
+safetensors and computed with as stored (nothing is quantized when the folder loads).
+
+`write_int8_folder` (the torch format's `weights = "int8"`) rounds every nn.Linear and the
+token embedding to symmetric int8 per row (scale = the row's largest magnitude / 127) and
+saves `<name>.weight` (int8) beside `<name>.weight_scale` (float32, one per row), the
+names compressed-tensors' int-quantized checkpoints use, in `int8.safetensors`. A tied
+lm_head is the embedding's matrix and is stored once; norms and biases stay float32.
+config.json carries `quantization_config = {"quant_method": "edgellm-int8", ...}`.
+transformers 5 ignores a quantization method it does not know and would read the int8
+codes as float weights; with no `model.safetensors` in the folder, plain `from_pretrained`
+stops instead (no weights file found).
+
+`load_int8_model` builds the model on the meta device and puts modules that compute with
+the int8 tensors in place of the linears and the embedding. A decode step (one token) runs
+fbgemm's dynamic INT8 linear (`torch.ao.nn.quantized.dynamic`: the token's activations
+rounded to 8 bits, integer multiply-accumulate), except for the token's 8 largest input
+channels, multiplied in float with their int8 weight rows (LLM.int8()'s outlier split,
+chosen per token): SmolLM2's outlier channels would otherwise stretch the 8-bit scale of
+every other value (README, "INT8 in torch": KL 0.065 → 0.009 on the decode path). Several
+tokens at once (a prompt, a scored window) multiply the dequantized codes in float32:
+weight-only INT8. torch marks fbgemm's quantized tensors deprecated (pytorch/pytorch#184982)
+and still ships them; where a build has no quantized engine, decode steps take the
+weight-only path too.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+QUANT_METHOD = "edgellm-int8"
+OUTLIER_CHANNELS = 8  # per decoded token, the channels multiplied in float (LLM.int8()-style)
+WEIGHTS_FILE = "int8.safetensors"
+SCALE_SUFFIX = ".weight_scale"
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (codes int8 [rows, cols], scales float32 [rows])."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+    codes = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def int8_modules(model) -> dict[str, nn.Module]:
+    """{qualified name: module} of what is stored in int8: every linear and the token
+    embedding; a tied lm_head is left out (it is the embedding)."""
+    embedding = model.get_input_embeddings()
+    tied = model.get_output_embeddings() is not None and \
+        model.get_output_embeddings().weight is embedding.weight
+    chosen = {}
+    for name, module in model.named_modules():
+        if module is embedding or (isinstance(module, nn.Linear) and
+                                   not (tied and module is model.get_output_embeddings())):
+            chosen[name] = module
+    return chosen
+
+
+def int8_state(model) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors to save and the names of the int8 modules."""
+    chosen = int8_modules(model)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        prefix = name.rsplit(".", 1)[0]
+        if prefix in chosen and name.endswith(".weight"):
+            state[name], state[prefix + SCALE_SUFFIX] = quantize_rows(tensor)
+        else:
+            state[name] = tensor.detach().float().contiguous()
+    if model.config.tie_word_embeddings:
+        head = _name_of(model, model.get_output_embeddings())
+        state.pop(f"{head}.weight", None)
+    return state, sorted(chosen)
+
+
+def write_int8_folder(model, staging: Path) -> None:
+    """The int8 artifact of `model` into staging/ (WEIGHTS_FILE + config.json)."""
+    from safetensors.torch import save_file
+
+    state, names = int8_state(model)
+    save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD, "bits": 8, "symmetric": True, "strategy": "channel",
+        "modules": names, "activations": "int8 per token when decoding one token, "
+        "float when several (weight-only)"}
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def is_int8_folder(folder: Path) -> bool:
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return False
+    quant = json.loads(config.read_text()).get("quantization_config") or {}
+    return quant.get("quant_method") == QUANT_METHOD
+
+
+class Int8Linear(nn.Module):
+    """y = x · (codes × scale)ᵀ + b, the codes kept in int8 (transposed, [in, out], so the
+    rows of a token's outlier channels are contiguous)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = codes.shape[1], codes.shape[0]
+        self.register_buffer("codes_t", codes.t().contiguous(), persistent=False)
+        self.register_buffer("scale", scale.float(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
+        # a plain attribute, not a submodule: state dicts and .to() leave the packed copy alone
+        object.__setattr__(self, "kernel", dynamic_kernel(codes, self.scale, self.bias))
+
+    def dequantized(self) -> torch.Tensor:
+        """The float weight [out, in]."""
+        return (self.codes_t.float() * self.scale).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.shape[:-1].numel() == 1:
+            return self._decode_step(x)
+        return nn.functional.linear(x, self.dequantized(), self.bias)
+
+    def _decode_step(self, x: torch.Tensor) -> torch.Tensor:
+        """One token: its OUTLIER_CHANNELS largest activations times their weight rows in
+        float, the rest through the integer kernel (with those channels zeroed, the token's
+        8-bit scale covers the ordinary values only)."""
+        flat = x.reshape(1, -1)
+        channels = flat.abs().topk(min(OUTLIER_CHANNELS, flat.shape[1])).indices[0]
+        outliers = self.codes_t.index_select(0, channels).float() * self.scale
+        y = torch.addmm(self.kernel(flat.index_fill(1, channels, 0.0)),
+                        flat.index_select(1, channels), outliers)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8Embedding(nn.Module):
+    """Rows looked up in int8 and scaled; a scaled embedding (Gemma's √hidden) keeps its
+    multiplier."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, multiplier=None, padding_idx=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = codes.shape
+        self.padding_idx = padding_idx
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("scale", scale.float(), persistent=False)
+        self.multiplier = multiplier
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.codes[ids].float() * self.scale[ids].unsqueeze(-1)
+        return rows if self.multiplier is None else rows * self.multiplier.to(rows.dtype)
+
+
+def dynamic_kernel(codes: torch.Tensor, scale: torch.Tensor, bias):
+    """fbgemm's (or the platform's) dynamic INT8 linear holding these very codes, or None
+    where this torch has no quantized engine."""
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear
+    except ImportError:
+        return None
+    if not torch.backends.quantized.supported_engines or \
+            torch.backends.quantized.engine == "none":
+        return None
+    with warnings.catch_warnings():  # "quantized tensor creation functions are deprecated"
+        warnings.simplefilter("ignore")
+        weight = torch._make_per_channel_quantized_tensor(
+            codes, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+        kernel = Linear(codes.shape[1], codes.shape[0], bias_=bias is not None, dtype=torch.qint8)
+        kernel.set_weight_bias(weight, None if bias is None else bias.detach())
+    return kernel
+
+
+def load_int8_model(folder: Path, dequantize: bool = False):
+    """The model of an int8 folder computing with its int8 tensors, or with `dequantize`
+    an ordinary float model of the same weights (what compression steps read)."""
+    from safetensors import safe_open
+
+    from edgellm.empty_model import assign_state, empty_model, plain_config
+
+    config = plain_config(folder)
+    names = set(json.loads((Path(folder) / "config.json").read_text())["quantization_config"]["modules"])
+    model = empty_model(config)
+    state = {}
+    # one tensor at a time: each int8 matrix becomes its module before the next is read
+    with safe_open(str(Path(folder) / WEIGHTS_FILE), "pt") as stored:
+        for key in stored.keys():
+            prefix = key.rsplit(".", 1)[0]
+            if prefix not in names or (dequantize and key.endswith(".bias")):
+                state[key] = stored.get_tensor(key)
+            elif key.endswith(".weight"):
+                codes, scale = stored.get_tensor(key), stored.get_tensor(prefix + SCALE_SUFFIX)
+                if dequantize:
+                    state[key] = codes.float() * scale[:, None]
+                else:
+                    bias = f"{prefix}.bias"
+                    _put_int8(model, prefix, codes, scale,
+                              stored.get_tensor(bias) if bias in stored.keys() else None)
+    if config.tie_word_embeddings and not dequantize:
+        embedding = model.get_input_embeddings()
+        model.set_output_embeddings(Int8Linear(embedding.codes, embedding.scale, None))
+    assign_state(model, state, f"int8 model {folder} does not match its config ({{name}}): "
+                 "the folder is incomplete or from another model")
+    if config.tie_word_embeddings and dequantize:
+        model.tie_weights()
+    return model
+
+
+def _put_int8(model, name: str, codes: torch.Tensor, scale: torch.Tensor, bias) -> None:
+    old = model.get_submodule(name)
+    if isinstance(old, nn.Linear):
+        new = Int8Linear(codes, scale, bias)
+    else:
+        new = Int8Embedding(codes, scale, getattr(old, "embed_scale", None),
+                            getattr(old, "padding_idx", None))
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _name_of(model, module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
