@@ -50,13 +50,18 @@ def demo(out: OutOption = Path("edgellm-demo"),
          remeasure: Annotated[bool, typer.Option(help="Measure again even if cached.")] = False,
          force: ForceOption = False,
          max_tokens: Annotated[int | None, typer.Option(
-             min=1, help="Score only the first N tokens (a quicker look; default 16,384).")] = None):
+             min=1, help="Score only the first N tokens (a quicker look; default 16,384).")] = None,
+         calibration_samples: Annotated[int | None, typer.Option(
+             min=1, help="Calibrate GPTQ and the importance matrix on N samples of 512 tokens "
+             "(quicker, a little worse; default 64).")] = None):
     """Run the built-in recipe on SmolLM2-135M: GGUF, ONNX, GPTQ and Wanda variants vs torch."""
     from edgellm.recipe import builtin_recipe_path, load_recipe
 
     spec = load_recipe(builtin_recipe_path("demo"))
     if max_tokens is not None:
         spec.eval.max_tokens = max_tokens
+    if calibration_samples is not None:
+        spec.calibration.samples = calibration_samples
     run_spec(spec, out, remeasure, force)
 
 

@@ -1,7 +1,7 @@
 """End to end on the real SmolLM2-135M-Instruct (the embedded default model): the demo
 recipe built, run in torch, llama.cpp and ONNX Runtime on the first 4,096 tokens of
-wikitext-2 raw test (`make demo` scores 16,384: README's rows), reported, gated, and rerun
-without rebuilding."""
+wikitext-2 raw test with 32 calibration samples (`make demo` scores 16,384 with 64: README's
+rows), reported, gated, and rerun without rebuilding."""
 
 import json
 
@@ -10,13 +10,27 @@ import pytest
 from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
-DEMO_TOKENS = 4096  # 8 windows of 512: the whole demo in about 15 min on 2 idle cores
+DEMO_TOKENS = 4096  # 8 windows of 512
+# half the demo's calibration (GPTQ, importance matrix): about 5 of the 28 minutes the
+# whole demo takes on 2 cores here, GPTQ being two forward passes over it per layer
+DEMO_SAMPLES = 32
+DEMO_ARGS = ("--max-tokens", DEMO_TOKENS, "--calibration-samples", DEMO_SAMPLES)
+
+
+def demo_recipe_text() -> str:
+    """The demo recipe as the fixture runs it (for recipes that extend its folder)."""
+    text = (REPO / "edgellm" / "recipes" / "demo.toml").read_text()
+    for old, new in (("max_tokens = 16384", f"max_tokens = {DEMO_TOKENS}"),
+                     ("samples = 64", f"samples = {DEMO_SAMPLES}")):
+        assert old in text
+        text = text.replace(old, new)
+    return text
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    result = run_cli("demo", "--out", out, "--max-tokens", DEMO_TOKENS, timeout=3600)
+    result = run_cli("demo", "--out", out, *DEMO_ARGS, timeout=3600)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     return out, {v["name"]: v for v in report["variants"]}, report, result
@@ -66,7 +80,8 @@ def test_kl_divergence_is_zero_for_the_reference_and_orders_the_gguf_types(demo)
 def test_importance_matrix_makes_q4_0_clearly_better(demo):
     _, rows, _, _ = demo
     plain, guided = rows["gguf-q4_0"], rows["gguf-q4_0-imatrix"]
-    # 4,096 tokens: +24.4% → +11.6% (16,384: +25.8% → +10.4%)
+    # 4,096 tokens, 32 calibration samples: +24.7% → +11.9% on AMD EPYC (16,384 tokens and
+    # 64 samples: +25.8% → +10.4%)
     assert guided["ppl_delta_pct"] < plain["ppl_delta_pct"] - 5
     assert guided["export"]["imatrix"] is True
     assert abs(guided["size_bytes"] - plain["size_bytes"]) < 0.01 * plain["size_bytes"]
@@ -131,7 +146,7 @@ def test_ollama_modelfile_for_smollm2_uses_its_chatml_template(demo):
 def test_rerun_rebuilds_nothing(demo):
     out, _, _, _ = demo
     before = {p.parent.name: p.read_text() for p in out.glob("*/manifest.json")}
-    again = run_cli("demo", "--out", out, "--max-tokens", DEMO_TOKENS, timeout=900)
+    again = run_cli("demo", "--out", out, *DEMO_ARGS, timeout=900)
     assert again.returncode == 0, again.stderr
     after = {p.parent.name: p.read_text() for p in out.glob("*/manifest.json")}
     assert after == before and len(after) == 13
@@ -158,7 +173,8 @@ def test_gptq_q4_0_beats_llama_cpp_round_to_nearest_q4_0(demo):
     gptq, rtn = rows["gguf-gptq-q4_0"], rows["gguf-q4_0"]
     assert gptq["steps"] == ["gptq"] and gptq["weights"] == "q4_0"
     assert gptq["ppl"] < rtn["ppl"]
-    assert gptq["ppl_delta_pct"] < rtn["ppl_delta_pct"] - 8  # 4,096 tokens: +10.5% against +24.4%
+    # 4,096 tokens, 32 calibration samples: +12.9% against +24.7% (AMD EPYC); 64: +11.7%
+    assert gptq["ppl_delta_pct"] < rtn["ppl_delta_pct"] - 8
     assert abs(gptq["size_bytes"] - rtn["size_bytes"]) < 0.01 * rtn["size_bytes"]
 
 
@@ -167,7 +183,8 @@ def test_gptq_int4_onnx_recovers_most_of_round_to_nearest_loss(demo):
     gptq = rows["onnx-gptq-int4"]
     assert gptq["steps"] == ["gptq"]
     # the Q4_0 solve's integers as symmetric MatMulNBits blocks: GPTQ keeps more than half
-    # of what round-to-nearest (+29.2% on these 4,096 tokens) loses
+    # of what round-to-nearest (+29.0% on these 4,096 tokens) loses: +12.9% with 32
+    # calibration samples on AMD EPYC
     assert 0 < gptq["ppl_delta_pct"] <= 14
     assert gptq["ppl_delta_pct"] < rows["onnx-int4"]["ppl_delta_pct"] / 2
     steps = [p for p in (out / "_work" / "steps").glob("gptq-*") if p.is_dir()]
@@ -198,17 +215,19 @@ def test_gptq_q5_0_fits_q4_k_m_size_with_half_its_loss(demo):
     _, rows, _, _ = demo
     gptq, k_quant = rows["gguf-gptq-q5_0"], rows["gguf-q4_k_m"]
     assert gptq["size_bytes"] <= k_quant["size_bytes"]
-    # 4,096 tokens: +2.26% vs +4.91% on Intel Sapphire Rapids (AVX-512), +2.68% vs +5.30% on
-    # AMD EPYC (AVX2): torch's and llama.cpp's kernels differ between them, so do the solves
+    # 4,096 tokens, 64 calibration samples: +2.26% vs +4.91% on Intel Sapphire Rapids
+    # (AVX-512), +2.68% vs +5.30% on AMD EPYC (AVX2): torch's and llama.cpp's kernels differ
+    # between them, so do the solves; 32 samples on AMD EPYC: +2.23% vs +5.30%
     assert 0 < gptq["ppl_delta_pct"] <= 0.6 * k_quant["ppl_delta_pct"]
-    assert gptq["kl_mean"] < 0.7 * k_quant["kl_mean"]  # 0.038 vs 0.059 on both
+    assert gptq["kl_mean"] < 0.75 * k_quant["kl_mean"]  # 0.038 vs 0.059 (32 samples: 0.039)
 
 
 def test_gptq_int8_onnx_keeps_quality(demo):
     _, rows, _, _ = demo
     int8 = rows["onnx-gptq-int8"]
     assert int8["steps"] == ["gptq"] and int8["weights"] == "int8"
-    assert 0 < int8["ppl_delta_pct"] <= 0.6  # 4,096 tokens: +0.45%; builder RTN int8 +0.69% (16,384)
+    # 4,096 tokens: +0.45% (16 GPTQ samples, its own); builder RTN int8 +0.69% (16,384)
+    assert 0 < int8["ppl_delta_pct"] <= 0.6
 
 
 def test_wanda_halves_the_weights_within_its_quality_bar_at_the_dense_size(demo):
@@ -279,8 +298,7 @@ def test_per_tensor_types_under_budgets_beat_the_single_types_of_that_size(demo)
     the k-quants with mins would recover nearly exactly."""
     out, rows, _, _ = demo
     recipe = out.parent / "budget.toml"
-    demo_recipe = (REPO / "edgellm" / "recipes" / "demo.toml").read_text()
-    recipe.write_text(demo_recipe.replace("max_tokens = 16384", f"max_tokens = {DEMO_TOKENS}") + """
+    recipe.write_text(demo_recipe_text() + """
 [[variant]]
 name = "gguf-budget-91.7"
 export = { format = "gguf", max_size_mb = 91.7, candidates = ["q3_k", "q4_0", "q5_0", "q6_k", "q8_0"] }
@@ -298,8 +316,9 @@ export = { format = "gguf", max_size_mb = 105.5, candidates = ["q3_k", "q4_0", "
     small, large = new["gguf-budget-91.7"], new["gguf-budget-105.5"]
     assert small["size_bytes"] <= 91.7e6 and large["size_bytes"] <= 105.5e6
     assert len(small["tensor_types"]) >= 3 and small["predicted_kl"] > large["predicted_kl"]
-    # 4,096 tokens: ≤ 91.7 MB +7.0% (KL 0.074) against q4_0 with the same importance
-    # matrix +11.6% (0.195); ≤ 105.5 MB +1.98% against q4_k_m +4.9% (README)
+    # 4,096 tokens (Intel, 64 calibration samples): ≤ 91.7 MB +7.0% (KL 0.074) against q4_0
+    # with the same importance matrix +11.6% (0.195); ≤ 105.5 MB +1.98% against q4_k_m
+    # +4.9%. AMD EPYC, 32 samples: +6.5% (0.074) vs +11.9% (0.196); +2.0% vs +5.3%
     q4_0, q4_k_m = rows["gguf-q4_0-imatrix"], rows["gguf-q4_k_m"]
     assert small["ppl_delta_pct"] < q4_0["ppl_delta_pct"] - 2
     assert small["kl_mean"] < 0.6 * q4_0["kl_mean"]
