@@ -183,6 +183,15 @@ def load_model(source: ModelSource, dtype: str = "float32"):
     return model
 
 
+def is_packed_folder(folder: Path) -> bool:
+    """A folder whose weights only edgellm's own readers understand (a GPTQ checkpoint, a
+    torch int8 folder): load_folder_model dequantizes it, llama.cpp's converter cannot read it."""
+    from edgellm.gptq_checkpoint import is_gptq_folder
+    from edgellm.torch_int8 import is_int8_folder
+
+    return is_gptq_folder(folder) or is_int8_folder(folder)
+
+
 def load_folder_model(folder: Path, dtype: str = "float32", runtime_quantization: bool = False):
     """A causal LM from a local HF folder edgellm wrote or was given; a GPTQ checkpoint
     is dequantized (the same weights the GGUF and ONNX exports compute with). With
@@ -220,10 +229,7 @@ def check_weights_cover_config(source: ModelSource) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from edgellm.gptq_checkpoint import is_gptq_folder
-    from edgellm.torch_int8 import is_int8_folder
-
-    if is_gptq_folder(folder) or is_int8_folder(folder):  # their own tensor names and readers
+    if is_packed_folder(folder):  # their own tensor names, checked by their own readers
         return
     quiet_transformers()
     try:

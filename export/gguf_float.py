@@ -18,11 +18,10 @@ def write_float_gguf(folder: Path, out_path: Path, weights: str, work: Path) -> 
     """Convert an HF folder to a float GGUF with llama.cpp's converter (a GPTQ checkpoint or
     a torch int8 folder is dequantized first, into `work`)."""
     from edgellm.export.llama_converter import convert
-    from edgellm.gptq_checkpoint import is_gptq_folder
-    from edgellm.torch_int8 import is_int8_folder
+    from edgellm.models import is_packed_folder
 
     folder = Path(folder)
-    if is_gptq_folder(folder) or is_int8_folder(folder):
+    if is_packed_folder(folder):
         folder = dequantized_folder(folder, work)
     config = json.loads((folder / "config.json").read_text())
     family = family_of(config, str(folder))

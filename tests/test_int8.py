@@ -105,13 +105,12 @@ def test_int8_decode_step_runs_the_integer_kernel_on_the_same_codes(tiny_llama, 
     """One token goes through the dynamic INT8 kernel: the token's activations are rounded
     to 8 bits too (all but its largest channels), so it differs from the float path a
     little, and only a little."""
-    from edgellm.models import load_folder_model as load
     from edgellm.torch_int8 import write_int8_folder
 
     folder = tmp_path / "int8"
     folder.mkdir()
-    write_int8_folder(load(tiny_llama), folder)
-    layer = load(folder, runtime_quantization=True).model.layers[0].mlp.down_proj
+    write_int8_folder(load_folder_model(tiny_llama), folder)
+    layer = load_folder_model(folder, runtime_quantization=True).model.layers[0].mlp.down_proj
     assert layer.kernel is not None  # x86 (fbgemm) and ARM (qnnpack) builds have one
     x = torch.randn(1, 1, layer.in_features)
     with torch.no_grad():
