@@ -55,7 +55,7 @@ def main() -> None:
 
     console = Console(stderr=True)
     prepare_out_dir(args.out)
-    model_dir = _hf_folder(resolve_source("smollm2-135m"), args.out, console, False)
+    model_dir = _hf_folder(resolve_source("smollm2-135m"), args.out, console)
     model_mb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
     rows = []
     for samples in args.samples:

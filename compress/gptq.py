@@ -33,6 +33,7 @@ class Options(BaseModel):
     symmetric: bool = True  # nbits grids outside a recipe (int4 sym g32 is also Q4_0's grid)
     act_order: bool = True
     clip_search: bool = True  # choose each block's scale by weighted rounding error
+    refit: bool = True  # re-solve each row's block scales against the full Hessian
     damp: float = Field(0.01, gt=0, lt=1)
     block: int = Field(128, ge=32)
     samples: int | None = Field(None, gt=0)  # calibration windows; default [calibration].samples
@@ -163,7 +164,8 @@ def solve_group(linears: dict, names: list[str], hessian: torch.Tensor, grid: Gr
     become the solved values, their checkpoint parts are returned."""
     weights = torch.cat([linears[n].weight.data for n in names])
     q, scale, zero = gptq_quantize(weights, hessian, grid, options.act_order, options.damp,
-                                   options.block, SHRINKS if options.clip_search else (1.0,))
+                                   options.block, SHRINKS if options.clip_search else (1.0,),
+                                   options.refit)
     stored, start = {}, 0
     for name in names:
         rows = linears[name].out_features

@@ -84,42 +84,120 @@ SHRINKS = tuple(1 - 0.03 * k for k in range(11))
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, act_order: bool = True,
-                  damp: float = 0.01, block: int = 128, shrinks: tuple[float, ...] = SHRINKS):
+                  damp: float = 0.01, block: int = 128, shrinks: tuple[float, ...] = SHRINKS,
+                  refit: bool = True):
     """GPTQ onto `grid`: returns (q, scale, zero) with q [rows, cols] integers (as float)
     and scale/zero [rows, cols/group], such that dequantize(grid, q, scale, zero) is the
     solved weight. Groups are always the format's blocks of consecutive input columns; with
     act_order the columns are solved in order of decreasing H diagonal and each block's
-    scale is fixed from the weights before solving (static groups), so the grid stays the
-    file's. Each block's scale is chosen among `shrinks` of its range by the rounding
-    error weighted with the Hessian diagonal."""
-    rows, cols = W.shape
-    importance = torch.diag(H).float()
-    group = grid.group
-    block = max(block, group) // group * group  # whole groups per lazy block
+    scale is fixed before solving (static groups), so the grid stays the file's.
+
+    Scales: each block's is first chosen among `shrinks` of its range by the rounding error
+    weighted with the Hessian diagonal. With `refit`, every row's scales are then re-solved
+    against the full Hessian (refit_scales), once on the round-to-nearest integers before
+    the sweep (static groups) and once on the sweep's integers after it."""
     W = W.clone().float()
     W[:, torch.diag(H) == 0] = 0  # dead inputs: nothing to preserve
-    scale = torch.zeros(rows, cols // group)
-    zero = torch.zeros(rows, cols // group)
-    q = torch.zeros(rows, cols)
-    if act_order:
-        order = torch.argsort(torch.diag(H), descending=True)
-        for g in range(cols // group):
-            cols_g = slice(g * group, (g + 1) * group)
-            scale[:, g], zero[:, g] = grid.fit(W[:, cols_g], importance[cols_g], shrinks)
-    else:
-        order = torch.arange(cols)
+    order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
     Hinv, _ = inverse_factor(H[order][:, order], damp)
-    W = W[:, order]
+    fixed = None
+    if act_order:
+        scale, zero = _static_scales(W, H, grid, shrinks)
+        if refit:
+            scale = refit_scales(W, H, grid, _nearest(W, grid, scale, zero), scale, zero, damp)
+        fixed = scale, zero
+    q, scale, zero = _sweep(W, H, Hinv, order, grid, block, shrinks, fixed)
+    if refit:
+        scale = refit_scales(W, H, grid, q, scale, zero, damp)
+    return q, scale, zero
+
+
+def _nearest(W, grid: Grid, scale, zero) -> torch.Tensor:
+    """Round-to-nearest integers of W on the grid with per-block scale and zero."""
+    blocks = W.reshape(len(W), -1, grid.group)
+    return grid.quantize(blocks, scale[..., None], zero[..., None]).reshape(W.shape)
+
+
+def _static_scales(W, H, grid: Grid, shrinks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every block's (scale, zero) fitted on the weights before any column is solved."""
+    importance = torch.diag(H).float()
+    blocks = W.shape[1] // grid.group
+    scale, zero = torch.zeros(len(W), blocks), torch.zeros(len(W), blocks)
+    for g in range(blocks):
+        cols_g = slice(g * grid.group, (g + 1) * grid.group)
+        scale[:, g], zero[:, g] = grid.fit(W[:, cols_g], importance[cols_g], shrinks)
+    return scale, zero
+
+
+def _sweep(W, H, Hinv, order, grid: Grid, block: int, shrinks, fixed):
+    """One GPTQ sweep of W's columns in `order` onto the grid: onto the `fixed` (scale, zero)
+    when given, else fitting each block as its first column comes up (order must then be
+    the natural one)."""
+    rows, cols = W.shape
+    group = grid.group
+    importance = torch.diag(H).float()
+    block = max(block, group) // group * group  # whole groups per lazy block
+    if fixed is not None:
+        scale, zero = fixed[0].clone(), fixed[1].clone()
+    else:
+        scale, zero = torch.zeros(rows, cols // group), torch.zeros(rows, cols // group)
+    q = torch.zeros(rows, cols)
 
     def round_column(i: int, w: torch.Tensor, W1: torch.Tensor) -> torch.Tensor:
         col = int(order[i])
         g = col // group
-        if not act_order and i % group == 0:  # fit each group as its first column comes up
+        if fixed is None and i % group == 0:  # fit each group as its first column comes up
             local = i % block
             scale[:, g], zero[:, g] = grid.fit(W1[:, local:local + group],
                                                importance[order[i:i + group]], shrinks)
         q[:, col] = grid.quantize(w, scale[:, g], zero[:, g])
         return grid.value(q[:, col], scale[:, g], zero[:, g])
 
-    obs_sweep(W, Hinv, round_column, block)
+    obs_sweep(W[:, order], Hinv, round_column, block)
     return q, scale, zero
+
+def block_gram(V: torch.Tensor, H: torch.Tensor, group: int, chunk_elems: int = 1 << 24):
+    """A[r] = V_rᵀ H V_r for each row's block matrix V_r [cols, blocks] (V_r holds row r's
+    values v on block g's columns and zero elsewhere), computed in row chunks: [rows, blocks, blocks]."""
+    rows, cols = V.shape
+    blocks = cols // group
+    Hb = H.reshape(cols, blocks, group)
+    out = torch.empty(rows, blocks, blocks)
+    step = max(1, chunk_elems // (cols * blocks))
+    for r1 in range(0, rows, step):
+        Vc = V[r1:r1 + step]
+        T = torch.einsum("ihk,rhk->rih", Hb, Vc.reshape(-1, blocks, group))  # (H V_r)[i, h]
+        out[r1:r1 + step] = torch.einsum("rgk,rgkh->rgh", Vc.reshape(-1, blocks, group),
+                                         T.reshape(-1, blocks, group, blocks))
+    return out
+
+
+def refit_scales(W: torch.Tensor, H: torch.Tensor, grid: Grid, q: torch.Tensor,
+                 scale: torch.Tensor, zero: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """With the integers q fixed, the block scales of each row that minimise the layer's
+    output error (w − ŵ)ᵀ H (w − ŵ), solved jointly over the row's blocks (ŵ is linear in
+    them: ŵ = Σ_g s_g·v_g with v_g = q − zero on block g). Scales are stored as float16;
+    a row whose rounded scales would not lower its error keeps its old ones."""
+    cols = W.shape[1]
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    H[dead, :] = 0
+    H[:, dead] = 0
+    W = W.float().clone()
+    W[:, dead] = 0
+    V = q.float() - zero.repeat_interleave(grid.group, dim=1)  # every GPTQ grid: (q − zero)·scale
+    A = block_gram(V, H, grid.group)
+    b = ((W @ H) * V).reshape(len(W), -1, grid.group).sum(dim=2)
+    ridge = 1e-6 * A.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-12)
+    A = A + ridge[:, None, None] * torch.eye(A.shape[1])
+    solved = torch.linalg.solve(A.double(), b.double()).float().to(torch.float16).float()
+    solved = torch.where(torch.isfinite(solved), solved, scale)
+    return torch.where((_row_error(W, H, V, solved) < _row_error(W, H, V, scale))[:, None],
+                       solved, scale)
+
+
+def _row_error(W, H, V, scale) -> torch.Tensor:
+    group = V.shape[1] // scale.shape[1]
+    E = W - V * scale.repeat_interleave(group, dim=1)
+    return ((E @ H) * E).sum(dim=1)

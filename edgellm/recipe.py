@@ -75,6 +75,9 @@ class ExportSpec(Strict):
     # GGUF under a size budget: one type per tensor among `candidates`, the least predicted
     # KL divergence within max_size_mb (export/gguf_budget.py); weights then read "mixed"
     max_size_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # the same budget as bits per weight of the whole file (file bits / the model's
+    # parameters, the report's bpw), turned into max_size_mb before any work
+    target_bpw: float | None = Field(None, gt=0, allow_inf_nan=False)
     candidates: list[str] | None = None
 
     @field_validator("format")

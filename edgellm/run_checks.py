@@ -41,15 +41,19 @@ def check_families(recipe: Recipe, source: ModelSource) -> None:
 
 
 def check_sizes(recipe: Recipe, source: ModelSource) -> None:
-    """Each variant's size budget against the smallest file its format can hold."""
+    """Each variant's size budget (a target_bpw turned into max_size_mb for this model
+    first) against the smallest file its format can hold."""
     from edgellm.export.formats import format_of
     from edgellm.resources import count_parameters
 
     params = None
     for variant in recipe.variant:
-        if params is None and variant.export.max_size_mb is not None:
+        spec, target = variant.export, format_of(variant.export.format)
+        if params is None and (spec.max_size_mb is not None or spec.target_bpw is not None):
             params = count_parameters(source.files())
-        problem = params and format_of(variant.export.format).check_size(variant.export, params)
+        if params:
+            target.resolve_budget(spec, params)
+        problem = params and target.check_size(spec, params)
         if problem:
             raise UserError(f"variant {variant.name}: {problem}")
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 from conftest import run_cli, write_tiny_recipe
 
 from edgellm.errors import UserError
 from edgellm.export.gguf_budget import allocate
+from edgellm.resources import count_parameters
 
 TYPES = {"Q4_0": 4.5, "Q5_0": 5.5, "Q8_0": 8.5}
 
@@ -80,6 +82,10 @@ def test_padding_is_counted_per_tensor():
     ('{ format = "gguf", weights = "mixed" }', "weights 'mixed' needs max_size_mb"),
     ('{ format = "gguf", max_size_mb = 1, candidates = ["q9"] }', "candidates q9"),
     ('{ format = "gguf", max_size_mb = 0.001 }', "below the smallest GGUF of this model"),
+    ('{ format = "gguf", target_bpw = 2 }', "below the smallest candidate type (q3_k: 3.44 bpw)"),
+    ('{ format = "gguf", target_bpw = 12 }', "above the largest candidate type (q8_0: 8.50 bpw)"),
+    ('{ format = "gguf", target_bpw = 4, max_size_mb = 1 }', "give one of them"),
+    ('{ format = "onnx", target_bpw = 4 }', "target_bpw only applies to gguf exports"),
 ])
 def test_bad_budgets_are_one_line_before_any_work(tmp_path, tiny_llama, export, message):
     recipe = write_tiny_recipe(tmp_path / "recipe.toml", tiny_llama,
@@ -105,6 +111,8 @@ export = { format = "gguf", weights = "q8_0" }
     assert run_cli("run", recipe, "--out", out).returncode == 0
     q4, q8 = ((out / n / "model.gguf").stat().st_size for n in ("q4", "q8"))
     budget_mb = (q4 + (q8 - q4) // 2) / 1e6  # halfway: some tensors must stay below q8_0
+    params = count_parameters(sorted(Path(tiny_llama).glob("*.safetensors")))
+    target_bpw = round((q4 + (q8 - q4) // 3) * 8 / params, 3)  # a third of the way, as bits
     recipe.write_text(recipe.read_text() + f"""
 [[variant]]
 name = "budget"
@@ -113,9 +121,16 @@ export = {{ format = "gguf", max_size_mb = {budget_mb}, candidates = ["q4_0", "q
 name = "gptq-budget"
 compress = [{{ method = "gptq" }}]
 export = {{ format = "gguf", max_size_mb = {budget_mb}, candidates = ["q4_0", "q5_0", "q8_0"] }}
+[[variant]]
+name = "bpw-budget"
+export = {{ format = "gguf", target_bpw = {target_bpw}, candidates = ["q4_0", "q5_0", "q8_0"] }}
 """)
     result = run_cli("run", recipe, "--out", out)
     assert result.returncode == 0, result.stderr
+    bpw_row = next(r for r in json.loads((out / "report.json").read_text())["variants"]
+                   if r["name"] == "bpw-budget")
+    assert bpw_row["weights"] == "mixed" and bpw_row["bits_per_weight"] <= target_bpw
+    assert bpw_row["size_bytes"] <= target_bpw * params / 8 and len(bpw_row["tensor_types"]) >= 2
     path = out / "budget" / "model.gguf"
     plan = json.loads((out / "budget" / "allocation.json").read_text())
     assert path.stat().st_size == plan["predicted_bytes"] <= budget_mb * 1e6

@@ -52,6 +52,10 @@ class Format:
         """A problem with an ExportSpec of this format that its fields alone cannot catch."""
         return None
 
+    def resolve_budget(self, spec, params: int) -> None:
+        """Turn a budget stated per weight into the size budget the export reads, for a
+        model of `params` weights (before check_size)."""
+
     def check_size(self, spec, params: int) -> str | None:
         """A problem with the spec's size budget for a model of `params` weights, before any work."""
         return None

@@ -26,12 +26,12 @@ class GgufFormat(Format):
     # llama-cpp-python: its quantizer and the converter extracted from its sdist
     build_tools = ("torch", "transformers", "gguf", "llama-cpp-python")
     memory_factor = 2.5
-    options = ("imatrix", "max_size_mb", "candidates")
+    options = ("imatrix", "max_size_mb", "target_bpw", "candidates")
     artifact = "model.gguf"
 
     def complete(self, spec) -> None:
         """A budget chooses the types (weights "mixed") and weighs by an importance matrix."""
-        if spec.max_size_mb is not None:
+        if has_budget(spec):
             if "weights" not in spec.model_fields_set:
                 spec.weights = MIXED
             if "imatrix" not in spec.model_fields_set:
@@ -40,31 +40,38 @@ class GgufFormat(Format):
                 spec.candidates = list(BUDGET_CANDIDATES)
 
     def check_spec(self, spec) -> str | None:
-        if spec.max_size_mb is not None and spec.weights != MIXED:
-            return f"max_size_mb chooses a type per tensor: leave weights out (not '{spec.weights}')"
-        if spec.weights == MIXED and spec.max_size_mb is None:
-            return "weights 'mixed' needs max_size_mb, the budget the types are chosen for"
-        if spec.max_size_mb is not None and not spec.imatrix:
-            return "max_size_mb weighs rounding by an importance matrix: leave imatrix out"
+        budget = "target_bpw" if spec.target_bpw is not None else "max_size_mb"
+        if spec.max_size_mb is not None and spec.target_bpw is not None:
+            return "max_size_mb and target_bpw are the same budget: give one of them"
+        if has_budget(spec) and spec.weights != MIXED:
+            return f"{budget} chooses a type per tensor: leave weights out (not '{spec.weights}')"
+        if spec.weights == MIXED and not has_budget(spec):
+            return "weights 'mixed' needs max_size_mb or target_bpw, the budget the types are chosen for"
+        if has_budget(spec) and not spec.imatrix:
+            return f"{budget} weighs rounding by an importance matrix: leave imatrix out"
         if spec.candidates is not None:
-            if spec.max_size_mb is None:
-                return "candidates only apply with max_size_mb"
+            if not has_budget(spec):
+                return "candidates only apply with max_size_mb or target_bpw"
             unknown = [c for c in spec.candidates if c not in BUDGET_TYPES]
             if unknown or not spec.candidates:
                 return (f"candidates {', '.join(unknown) or '(none)'}: choose among "
                         f"{', '.join(BUDGET_TYPES)}")
+        if spec.target_bpw is not None:
+            return check_bpw(spec.target_bpw, spec.candidates)
         if spec.imatrix and spec.weights in FLOAT_TYPES:
             return "imatrix only applies to quantized gguf weights (q8_0, q4_k_m, ...)"
         return None
 
+    def resolve_budget(self, spec, params: int) -> None:
+        """target_bpw → max_size_mb: the file's bits over the model's parameters."""
+        if spec.target_bpw is not None:
+            spec.max_size_mb = spec.target_bpw * params / 8 / 1e6
+
     def check_size(self, spec, params: int) -> str | None:
         """No file is smaller than every weight in the smallest candidate type."""
-        import gguf
-
         if spec.max_size_mb is None:
             return None
-        bpw = {c: 8 * size / block for c in spec.candidates
-               for block, size in [gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[c.upper()]]]}
+        bpw = candidate_bpw(spec.candidates)
         smallest = min(bpw, key=bpw.get)
         floor = params * bpw[smallest] / 8
         if spec.max_size_mb * 1e6 < floor:
@@ -131,3 +138,28 @@ def imatrix_for(model_dir: Path, work: Path, calibration) -> dict:
 
 
 FORMAT = GgufFormat()
+
+
+def has_budget(spec) -> bool:
+    return spec.max_size_mb is not None or spec.target_bpw is not None
+
+
+def candidate_bpw(candidates) -> dict[str, float]:
+    """Bits per weight of each candidate type, block scales included (ggml's block sizes)."""
+    import gguf
+
+    return {c: 8 * size / block for c in candidates
+            for block, size in [gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[c.upper()]]]}
+
+
+def check_bpw(target: float, candidates) -> str | None:
+    """A target_bpw the candidate types can reach: between the smallest and the largest."""
+    bpw = candidate_bpw(candidates)
+    low, high = min(bpw, key=bpw.get), max(bpw, key=bpw.get)
+    if target < bpw[low]:
+        return (f"target_bpw {target:g} is below the smallest candidate type ({low}: "
+                f"{bpw[low]:.2f} bpw): raise it or add a smaller candidate")
+    if target > bpw[high] + 0.5:  # the file's norms and vocabulary add a little
+        return (f"target_bpw {target:g} is above the largest candidate type ({high}: "
+                f"{bpw[high]:.2f} bpw): lower it, or export weights {high} or f16")
+    return None
