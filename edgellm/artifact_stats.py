@@ -28,20 +28,27 @@ def model_stats(model_dir: Path) -> dict:
     config = json.loads((model_dir / "config.json").read_text())
     bits = (config.get("quantization_config") or {}).get("bits")
     total, zeros, matrix_total = 0, 0, 0
+    packed: dict[str, list] = {}  # linear → [qweight shape, g_idx length]
     for path in model_dir.glob("*.safetensors"):
         with safe_open(path, framework="pt") as handle:
             for name in handle.keys():
                 if name == "lm_head.weight" and config.get("tie_word_embeddings"):
                     continue
                 shape = handle.get_slice(name).get_shape()
-                if name.endswith(".qweight") and bits:
-                    total += _numel(shape) * 32 // bits
-                elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+                module, _, part = name.rpartition(".")
+                if part in ("qweight", "g_idx") and bits:
+                    packed.setdefault(module, [None, None])[part == "g_idx"] = shape
+                elif part not in ("qzeros", "scales") or not bits:
                     total += _numel(shape)
                 if name.startswith("model.layers.") and name.endswith(".weight") and len(shape) == 2:
                     tensor = handle.get_tensor(name)
                     zeros += int((tensor == 0).sum())
                     matrix_total += tensor.numel()
+    for qweight, g_idx in packed.values():
+        # g_idx holds one entry per input, whatever the linear's own bits (a checkpoint
+        # with several grids stores some linears 4-bit and others 8-bit)
+        inputs = g_idx[0] if g_idx else qweight[0] * 32 // bits
+        total += inputs * qweight[1]
     sparsity = zeros / matrix_total if matrix_total and not bits else None
     return {"parameters": total, "sparsity": sparsity}
 

@@ -144,6 +144,8 @@ export = {{ format = "gguf", target_bpw = {target_bpw}, candidates = ["q4_0", "q
     assert "Tensor types of budget (chosen for ≤" in (out / "report.md").read_text()
 
     check_gptq_blocks_carried_under_the_budget(out, plan, budget_mb)
+    gptq_row = next(r for r in report["variants"] if r["name"] == "gptq-budget")
+    assert gptq_row["parameters"] == report["model"]["parameters"]
 
 
 def check_gptq_blocks_carried_under_the_budget(out, plan, budget_mb):

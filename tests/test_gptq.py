@@ -321,3 +321,25 @@ def test_transformers_recognises_the_checkpoints_quantization_config(tiny_gptq):
     parsed = AutoQuantizationConfig.from_dict(dict(quant))
     assert isinstance(parsed, GPTQConfig)
     assert (parsed.bits, parsed.group_size, parsed.sym, parsed.desc_act) == (4, 32, True, False)
+
+
+def test_a_checkpoint_with_4_and_8_bit_linears_counts_its_own_parameters(tmp_path):
+    """Each packed linear's inputs are read from its g_idx, not from the checkpoint's
+    base bits (a budget's GPTQ checkpoint once reported 6.42 bpw for a 5.45 bpw file)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from edgellm.artifact_stats import model_stats
+
+    rows, cols = 16, 64
+    tensors = {"embed.weight": torch.zeros(10, 4)}
+    for name, bits in (("a", 4), ("b", 8)):
+        tensors[f"{name}.qweight"] = torch.zeros(cols * bits // 32, rows, dtype=torch.int32)
+        tensors[f"{name}.qzeros"] = torch.zeros(cols // 32, rows * bits // 32, dtype=torch.int32)
+        tensors[f"{name}.scales"] = torch.zeros(cols // 32, rows, dtype=torch.float16)
+        tensors[f"{name}.g_idx"] = torch.zeros(cols, dtype=torch.int32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    config = {"quantization_config": {"quant_method": "gptq", "bits": 8}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert model_stats(tmp_path)["parameters"] == 40 + 2 * rows * cols
