@@ -156,6 +156,7 @@ def _sweep(W, H, Hinv, order, grid: Grid, block: int, shrinks, fixed):
     obs_sweep(W[:, order], Hinv, round_column, block)
     return q, scale, zero
 
+
 def block_gram(V: torch.Tensor, H: torch.Tensor, group: int, chunk_elems: int = 1 << 24):
     """A[r] = V_rᵀ H V_r for each row's block matrix V_r [cols, blocks] (V_r holds row r's
     values v on block g's columns and zero elsewhere), computed in row chunks: [rows, blocks, blocks]."""
