@@ -343,3 +343,12 @@ def test_a_checkpoint_with_4_and_8_bit_linears_counts_its_own_parameters(tmp_pat
     config = {"quantization_config": {"quant_method": "gptq", "bits": 8}}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert model_stats(tmp_path)["parameters"] == 40 + 2 * rows * cols
+
+
+def test_the_scale_refit_is_on_by_default_for_4_bit_grids_only():
+    from edgellm.compress.gptq import Options, refit_for
+    from edgellm.grids import Q5_0
+
+    assert refit_for(Options(), Q4_0) and refit_for(Options(), NBits(4, 32, False))
+    assert not refit_for(Options(), Q5_0()) and not refit_for(Options(), Q8_0())
+    assert refit_for(Options(refit=True), Q5_0()) and not refit_for(Options(refit=False), Q4_0)
