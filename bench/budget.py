@@ -1,11 +1,14 @@
-"""Benchmark: the size-vs-quality frontier of GGUF budgets (a type per tensor) against
-llama.cpp's single types on the same model and text, and how long the budget export takes.
+"""Benchmark: the size-vs-quality frontier of size budgets (a type per tensor) against the
+format's own single types on the same model and text, and how long the budget export takes.
 
-    python bench/budget.py [--model smollm2-135m] [--budgets 80,91.7,105.5,120]
-                           [--max-tokens 4096] [--gptq] [--out bench-budget]
+    python bench/budget.py [--format gguf|onnx|mlx] [--model smollm2-135m]
+                           [--budgets 80,91.7,105.5,120] [--max-tokens 4096] [--gptq]
+                           [--text wikitext-2-raw-test] [--out bench-budget]
 
---gptq adds, per budget, the same plan with GPTQ's integers in it (about 4 min of GPTQ
-per budget for SmolLM2 on 2 cores).
+Peers: GGUF, llama.cpp's single types (q4_0/q5_0 also with the importance matrix); ONNX,
+the onnxruntime-genai builder's int4 and int8; MLX, mlx-lm's q4 and q8 (groups of 64).
+--gptq adds, per budget, the same plan with GPTQ's integers in it (GGUF and ONNX; about
+4 min of GPTQ per budget for SmolLM2 on 2 cores).
 
 Every variant is built and measured by the ordinary pipeline in OUT (a second call with
 other budgets reuses the Fisher pass and the sensitivity table, so only the first budget
@@ -27,43 +30,56 @@ from edgellm.recipe import CalibrationSpec, EvalSpec, ExportSpec, ModelSpec, Rec
 from edgellm.report_markdown import cell
 
 SINGLE_TYPES = ("q3_k_m", "q4_0", "q4_k_m", "q5_0", "q5_k_m", "q6_k", "q8_0")
-CANDIDATES = ["q3_k", "q4_0", "q5_0", "q6_k", "q8_0"]
+CANDIDATES = {"gguf": ["q3_k", "q4_0", "q5_0", "q6_k", "q8_0"], "onnx": None, "mlx": None}
+DEFAULT_BUDGETS = {"gguf": "80,91.7,105.5,120", "onnx": "90,104,120", "mlx": "67.3,75.7,84.1"}
+PEERS = {"onnx": [("builder-int4", "int4"), ("builder-int8", "int8")],
+         "mlx": [("mlx-lm-q4", "q4"), ("mlx-lm-q8", "q8")]}
 COLUMNS = [("name", "variant", "{}"), ("size_mb", "size MB", "{:.1f}"),
            ("bits_per_weight", "bpw", "{:.2f}"), ("ppl_delta_pct", "Δppl %", "{:+.2f}"),
            ("kl_mean", "KL", "{:.4f}"), ("predicted_kl", "predicted KL", "{:.4f}"),
            ("top1_agreement", "top-1", "{:.1%}"), ("decode_tps", "decode tok/s", "{:.1f}")]
 
 
-def variants(budgets: list[float], gptq: bool = False) -> list[VariantSpec]:
+def peers(fmt: str) -> list[VariantSpec]:
+    if fmt != "gguf":
+        return [VariantSpec(name=name, export=ExportSpec(format=fmt, weights=weights))
+                for name, weights in PEERS[fmt]]
     single = [VariantSpec(name=f"llama.cpp-{t}", export=ExportSpec(format="gguf", weights=t))
               for t in SINGLE_TYPES]
-    single += [VariantSpec(name=f"llama.cpp-{t}-imatrix",
-                           export=ExportSpec(format="gguf", weights=t, imatrix=True))
-               for t in ("q4_0", "q5_0")]
-    mixed = [VariantSpec(name=f"edgellm-budget-{b:g}",
-                         export=ExportSpec(format="gguf", max_size_mb=b, candidates=CANDIDATES))
-             for b in budgets]
+    return single + [VariantSpec(name=f"llama.cpp-{t}-imatrix",
+                                 export=ExportSpec(format="gguf", weights=t, imatrix=True))
+                     for t in ("q4_0", "q5_0")]
+
+
+def variants(budgets: list[float], gptq: bool = False, fmt: str = "gguf") -> list[VariantSpec]:
+    def budget(b: float) -> ExportSpec:
+        return ExportSpec(format=fmt, max_size_mb=b, candidates=CANDIDATES[fmt])
+
+    mixed = [VariantSpec(name=f"edgellm-budget-{b:g}", export=budget(b)) for b in budgets]
     if gptq:
         mixed += [VariantSpec(name=f"edgellm-gptq-budget-{b:g}", compress=[{"method": "gptq"}],
-                              export=ExportSpec(format="gguf", max_size_mb=b, candidates=CANDIDATES))
-                  for b in budgets]
-    return single + mixed
+                              export=budget(b)) for b in budgets]
+    return peers(fmt) + mixed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--format", choices=sorted(DEFAULT_BUDGETS), default="gguf")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--budgets", default="80,91.7,105.5,120")
+    parser.add_argument("--budgets", help="MB, comma-separated (default: per format)")
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--text", default="wikitext-2-raw-test")
     parser.add_argument("--gptq", action="store_true", help="also GPTQ inside each budget")
     parser.add_argument("--out", type=Path, default=Path("bench-budget"))
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
-    budgets = [float(b) for b in args.budgets.split(",")]
+    budgets = [float(b) for b in (args.budgets or DEFAULT_BUDGETS[args.format]).split(",")]
+    if args.gptq and args.format == "mlx":
+        parser.error("--gptq: GPTQ does not feed MLX budgets")
     recipe = Recipe(model=ModelSpec(source=args.model),
                     eval=EvalSpec(text=args.text, max_tokens=args.max_tokens),
-                    calibration=CalibrationSpec(samples=64), variant=variants(budgets, args.gptq))
+                    calibration=CalibrationSpec(samples=64),
+                    variant=variants(budgets, args.gptq, args.format))
     console = Console(stderr=True)
     run = start_run(recipe, args.out, console)
     build_seconds = {}

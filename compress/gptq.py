@@ -18,10 +18,18 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgellm.compress.hessians import collect_hessians, linear_layers, sharing_groups
-from edgellm.compress.solver import SHRINKS, gptq_quantize
+from edgellm.compress.solver import gptq_quantize
 from edgellm.errors import UserError
 from edgellm.gptq_checkpoint import PackedLinear, dynamic_overrides, to_checkpoint
-from edgellm.grids import GRIDS, Grid, dequantize, grid_for_export, standalone_grid
+from edgellm.grids import (
+    GRIDS,
+    SHRINKS,
+    Grid,
+    dequantize,
+    grid_for_export,
+    grid_named,
+    standalone_grid,
+)
 
 
 class Options(BaseModel):
@@ -77,8 +85,8 @@ def module_grids(options: Options, context) -> tuple[dict[str, Grid | None], dic
     plan = context.tensor_types()
     grids = {}
     for module, kind in plan["modules"].items():
-        cls = GRIDS.get(kind.lower())
-        grids[module] = cls() if cls is not None and cls.gptq else None
+        grid = grid_named(kind)
+        grids[module] = grid if grid is not None and grid.gptq else None
     return grids, plan
 
 

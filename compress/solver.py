@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from edgellm.grids import Grid
+from edgellm.grids import SHRINKS, Grid
 
 
 class Hessian:
@@ -78,9 +78,6 @@ def obs_sweep(W: torch.Tensor, Hinv: torch.Tensor, rule: ColumnRule, block: int 
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return W
 
-
-# range factors tried per block when fitting scales (see Grid.fit)
-SHRINKS = tuple(1 - 0.03 * k for k in range(11))
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, act_order: bool = True,

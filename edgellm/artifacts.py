@@ -114,12 +114,12 @@ def staged_dir(final: Path):
 def publish_dir(staging: Path, final: Path, key: str, record: dict) -> None:
     """Write the manifest (last), then move the staging folder into place. Hashing a large
     artifact takes seconds: interrupted or failing before the move, the staging folder is
-    removed (its marker is gone by then, so no later run could tell it was edgellm's)."""
+    removed; killed outright (SIGKILL), it still holds its marker, so the next run clears
+    it. The marker leaves only once the folder is in place (it is never listed)."""
     try:
-        (staging / STAGING_MARKER).unlink(missing_ok=True)
         files = {
             str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(staging.rglob("*")) if p.is_file()
+            for p in sorted(staging.rglob("*")) if p.is_file() and p.name != STAGING_MARKER
         }
         write_json_atomic(staging / MANIFEST, {"key": key, "files": files, **record})
         check_replaceable(final)
@@ -129,6 +129,7 @@ def publish_dir(staging: Path, final: Path, key: str, record: dict) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    (final / STAGING_MARKER).unlink(missing_ok=True)
 
 
 def check_replaceable(final: Path) -> None:

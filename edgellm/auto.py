@@ -1,12 +1,13 @@
-"""Auto choice: export every candidate weight type, measure those that fit the size budget,
-and keep the one that meets the budgets best, with the evidence in a report.
+"""Auto choice: export every candidate weight type of one format, measure those that fit
+the size budget, and keep the one that meets the budgets best, with the evidence in a report.
 
 Under a size budget alone, the choice is the best perplexity that fits; with a perplexity
-budget, it is the smallest file within it. The candidates are built and measured by the
-ordinary pipeline (in OUT, so a second budget reuses every build and measurement), and the
-report of the run says which was chosen and why. Under a size budget the candidates also
-include "mixed": a GGUF with a type per tensor planned for that very budget
-(export/gguf_budget.py), measured beside the single types like any other.
+budget, it is the smallest file within it. The candidates (the format's `auto_candidates`
+unless the user lists them) are built and measured by the ordinary pipeline in each
+format's own runtime (in OUT, so a second budget reuses every build and measurement), and
+the report of the run says which was chosen and why. Under a size budget the candidates
+also include "mixed" where the format plans a type per tensor (GGUF, ONNX, MLX: a budget
+variant, export/*_budget.py), measured beside the single types like any other.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from edgellm.errors import UserError
-
-DEFAULT_CANDIDATES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k")
-MIXED = "mixed"  # the candidate with a type per tensor, planned for the size budget
+from edgellm.export.budget_spec import MIXED  # the candidate with a type per tensor
 
 
 class NoCandidateFits(UserError):
@@ -28,13 +27,14 @@ class NoCandidateFits(UserError):
     exit_code = 1
 
 
-def choose_gguf(model: str, out: Path, console: Console, *,
-                  max_size_mb: float | None, max_ppl_increase_pct: float | None,
-                  candidates: list[str] | None = None, text: str = "wikitext-2-raw-test",
-                  max_tokens: int = 16384, ctx: int = 512, allow_pickle: bool = False,
-                  force: bool = False) -> tuple[Path, dict]:
-    """Build and measure the GGUF candidates into `out`; link the chosen file to
-    `out/chosen-gguf-<weights>.gguf` and return its path and the choice record."""
+def choose(model: str, to: str, out: Path, console: Console, *,
+           max_size_mb: float | None, max_ppl_increase_pct: float | None,
+           candidates: list[str] | None = None, text: str = "wikitext-2-raw-test",
+           max_tokens: int = 16384, ctx: int = 512, allow_pickle: bool = False,
+           force: bool = False) -> tuple[Path, dict]:
+    """Build and measure the candidates of format `to` into `out`; return the path of the
+    chosen artifact (a GGUF linked to `out/chosen-<name>.gguf`; a folder format's folder
+    inside its variant) and the choice record."""
     from pydantic import ValidationError
 
     from edgellm.pipeline import (
@@ -51,8 +51,8 @@ def choose_gguf(model: str, out: Path, console: Console, *,
     if max_size_mb is None and max_ppl_increase_pct is None:
         raise UserError("auto choice needs a budget: pass --max-size-mb and/or "
                         "--max-ppl-increase-pct")
-    to = "gguf"
-    weights = candidates or [*DEFAULT_CANDIDATES, *([MIXED] if max_size_mb is not None else [])]
+    defaults = default_candidates(to, max_size_mb)  # refuses a format without a choice
+    weights = candidates or defaults
     if MIXED in weights and max_size_mb is None:
         raise UserError("--candidates mixed plans a type per tensor for a size: give --max-size-mb")
     try:
@@ -79,6 +79,18 @@ def choose_gguf(model: str, out: Path, console: Console, *,
         raise NoCandidateFits(f"no {to} type fits the budgets ({choice['budget_text']}): "
                               f"see {out / 'report.md'}; raise a budget or add --candidates")
     return _publish_choice(out, report, choice), choice
+
+
+def default_candidates(to: str, max_size_mb: float | None) -> list[str]:
+    """The format's own candidates, and "mixed" under a size budget where it has one."""
+    from edgellm.export.formats import auto_targets, format_of
+
+    fmt = format_of(to)
+    if not fmt.auto_candidates:
+        raise UserError(f"--max-size-mb/--max-ppl-increase-pct choose a weight type in "
+                        f"{', '.join(auto_targets())}: not --to {to}")
+    mixed = [MIXED] if max_size_mb is not None and MIXED in fmt.weights else []
+    return [*fmt.auto_candidates, *mixed]
 
 
 def candidate_variant(to: str, weights: str, max_size_mb: float | None):
@@ -115,17 +127,20 @@ def pick(rows: list[dict], max_size_mb: float | None,
 
 
 def _publish_choice(out: Path, report: dict, choice: dict) -> Path:
-    """Link (or copy) the chosen GGUF to OUT/chosen-<name>.gguf, atomically; a choice an
-    earlier budget made is removed."""
+    """A chosen GGUF is linked (or copied) to OUT/chosen-<name>.gguf, atomically, and a
+    choice an earlier budget made is removed; a folder format's chosen folder is its
+    variant's own (report.md names it)."""
     import shutil
 
     from edgellm.artifacts import atomic_path
 
     row = next(r for r in report["variants"] if r["name"] == choice["chosen"])
     source = out / row["path"]
-    target = out / f"chosen-{row['name']}.gguf"
     for stale in out.glob("chosen-*.gguf"):
         stale.unlink()
+    if not source.is_file():
+        return source
+    target = out / f"chosen-{row['name']}{source.suffix}"
     with atomic_path(target) as tmp:
         try:
             os.link(source, tmp)

@@ -124,21 +124,23 @@ def export(
         help="Also write an Ollama Modelfile beside the GGUF (`ollama create NAME -f …`).")]
     = False,
     max_size_mb: Annotated[float | None, typer.Option(
-        min=0, help="Auto choice: measure GGUF types, keep the best that fits (report in OUT).")]
+        min=0, help="Auto choice: measure --to's weight types (gguf, onnx, mlx), keep the "
+                    "best that fits (report in OUT).")]
     = None,
     max_ppl_increase_pct: Annotated[float | None, typer.Option(
-        help="Auto choice: keep the smallest GGUF type within this perplexity increase.")] = None,
+        help="Auto choice: keep the smallest type within this perplexity increase.")] = None,
     candidates: Annotated[str | None, typer.Option(
-        help="Auto choice: comma-separated GGUF types to try (default f16 … q2_k, and "
-             "mixed: a type per tensor planned for --max-size-mb).")] = None,
+        help="Auto choice: comma-separated types to try (default: GGUF f16 … q2_k, ONNX "
+             "f32 … int4, MLX f16 … q4, and mixed: a type per tensor planned for "
+             "--max-size-mb).")] = None,
     text: Annotated[str, typer.Option(help="Auto choice: evaluation text.")]
     = "wikitext-2-raw-test",
     max_tokens: Annotated[int, typer.Option(min=1, help="Auto choice: tokens scored.")] = 16384,
     ctx: Annotated[int, typer.Option(min=16, help="Auto choice: window length.")] = 512,
 ):
-    """Export MODEL to a deployable GGUF file or ONNX/ORT folder and print its path. With
-    --max-size-mb and/or --max-ppl-increase-pct, measure candidate GGUF types and keep the
-    one that meets the budgets best."""
+    """Export MODEL to a deployable GGUF file or ONNX/ORT/MLX folder and print its path.
+    With --max-size-mb and/or --max-ppl-increase-pct, measure candidate types of --to
+    (GGUF, ONNX or MLX) in its runtime and keep the one that meets the budgets best."""
     from edgellm.errors import no_room_is_user_error
     from edgellm.standalone import export_model
 
@@ -149,15 +151,15 @@ def export(
                           ("--max-ppl-increase-pct", max_ppl_increase_pct)):
         if value is not None and not math.isfinite(value):
             raise UserError(f"{option} {value} is not a finite number: give a budget such as 100")
-    if auto and (to != "gguf" or weights):
-        raise UserError("--max-size-mb/--max-ppl-increase-pct choose the GGUF type: use them "
-                        "with --to gguf and without --weights")
+    if auto and weights:
+        raise UserError("--max-size-mb/--max-ppl-increase-pct choose the weight type: leave "
+                        "--weights out (or list types in --candidates)")
     with no_room_is_user_error(out):
         if auto:
-            from edgellm.auto import choose_gguf
+            from edgellm.auto import choose
 
-            path, choice = choose_gguf(
-                model, out, console, max_size_mb=max_size_mb,
+            path, choice = choose(
+                model, to, out, console, max_size_mb=max_size_mb,
                 max_ppl_increase_pct=max_ppl_increase_pct,
                 candidates=candidates.split(",") if candidates else None, text=text,
                 max_tokens=max_tokens, ctx=ctx, allow_pickle=allow_pickle, force=force)

@@ -13,13 +13,17 @@ integers travel in a GPTQ checkpoint; GGUF grids also pack their blocks.
   Q8_0   GGUF Q8_0: blocks of 32, scale = absmax / 127, q in -127..127
   NBits  ONNX MatMulNBits (and the standard GPTQ checkpoint): 4 or 8 bits, blocks of
          16..256, with zero points (asymmetric, zero in the grid) or symmetric
-         (zero point 2^(bits-1), scale = signed absmax / -2^(bits-1), as ORT does)
+         (zero point 2^(bits-1), scale = signed absmax / -2^(bits-1), as ORT does);
+         with zero points it is also MLX's affine grid (bias = −zero·scale in float16),
+         there at 2, 3, 4, 5, 6 or 8 bits (the wider-than-4 integers travel in a GPTQ
+         checkpoint's 8-bit layout, as Q5_0's do)
 
 Adding a grid: a class here with its `name` (registered by __init_subclass__).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,7 +34,13 @@ from edgellm.errors import UserError
 
 GRIDS: dict[str, type[Grid]] = {}  # name → class, filled as the classes are defined
 NBITS_BITS = (4, 8)
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)  # NBits widths with zero points GPTQ solves onto (MLX's affine)
 NBITS_GROUPS = (16, 32, 64, 128, 256)
+SHRINKS = tuple(1 - 0.03 * k for k in range(11))  # range factors Grid.fit tries per block
+# MLX's affine groups (w = q·scale + bias, float16 scale and bias): an NBits grid with zero
+# points, the bias written as −zero·scale (export/mlx_gptq.py); mlx-lm's default group
+MLX_BITS = {"q4": 4, "q8": 8}
+MLX_GROUP = 64
 
 
 @dataclass(frozen=True)
@@ -280,6 +290,19 @@ def dequantize(grid: Grid, q: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     return grid.value(q.float(), scale, zero)
 
 
+def grid_named(label: str) -> Grid | None:
+    """The grid a plan or checkpoint names: a GGUF type (`q4_0`, `Q4_0`) or an NBits label
+    (`nbits4-g32-asym`); None for a type no grid here describes (k-quants)."""
+    cls = GRIDS.get(label.lower())
+    if cls is not None and cls is not NBits:
+        return cls()
+    match = re.fullmatch(r"nbits(\d+)-g(\d+)-(sym|asym)", label)
+    widths = NBITS_BITS if match and match[3] == "sym" else AFFINE_BITS
+    if match and int(match[1]) in widths and int(match[2]) in NBITS_GROUPS:
+        return NBits(int(match[1]), int(match[2]), match[3] == "sym")
+    return None
+
+
 def canonical(grid: Grid) -> Grid:
     """The registered grid that `grid` is under another name (NBits 4-bit symmetric blocks
     of 32 are Q4_0), so both share one GPTQ run; else `grid`."""
@@ -310,8 +333,13 @@ def grid_for_export(export, bits: int | None, group_size: int | None) -> Grid:
         if export.weights not in ("int4", "int8"):
             raise UserError(f"GPTQ writes ONNX int4/int8 (MatMulNBits), not '{export.weights}'")
         grid = canonical(NBits(int(export.weights[3:]), export.block_size, export.symmetric))
+    elif export.format == "mlx":
+        if export.weights not in MLX_BITS:
+            raise UserError(f"GPTQ writes MLX q4/q8 (affine groups of {MLX_GROUP}), not "
+                            f"'{export.weights}'")
+        grid = NBits(MLX_BITS[export.weights], MLX_GROUP, False)
     else:
-        raise UserError(f"GPTQ cannot feed a {export.format} export: use gguf, onnx or ort")
+        raise UserError(f"GPTQ cannot feed a {export.format} export: use gguf, onnx, ort or mlx")
     if bits is not None and bits != grid.bits:
         raise UserError(f"GPTQ bits={bits} but the export {export.format} {export.weights} "
                         f"stores {grid.bits}-bit weights: make them agree")

@@ -15,16 +15,17 @@ import json
 from pathlib import Path
 
 from edgellm.errors import UserError
+from edgellm.grids import MLX_BITS as BITS
+from edgellm.grids import MLX_GROUP as DEFAULT_GROUP_SIZE  # mlx-lm's default
 
 MLX_WEIGHTS = ("f16", "q8", "q4")
 MLX_NEED = ("the MLX exporter (mlx-lm)", "mlx")  # (what, Family field)
-BITS = {"q8": 8, "q4": 4}
-DEFAULT_GROUP_SIZE = 64  # mlx-lm's default
 
 
 def export_mlx(model_dir: Path, target: Path, weights: str, work: Path,
                group_size: int = DEFAULT_GROUP_SIZE) -> Path:
-    """Write the mlx-lm folder `target` from the HF folder `model_dir`."""
+    """Write the mlx-lm folder `target` from the HF folder `model_dir` (a GPTQ checkpoint
+    solved on this grid: its integers, export/mlx_gptq.py)."""
     try:
         from mlx_lm import convert
     except ImportError:
@@ -32,17 +33,29 @@ def export_mlx(model_dir: Path, target: Path, weights: str, work: Path,
                         "Linux, mlx on macOS)") from None
     if weights not in MLX_WEIGHTS:
         raise UserError(f"MLX weights '{weights}' unknown: use one of {', '.join(MLX_WEIGHTS)}")
+    from edgellm.gptq_checkpoint import is_gptq_folder
+    from edgellm.models import is_packed_folder
+
     source = json.loads((Path(model_dir) / "config.json").read_text())
     check_mlx_support(source, str(model_dir))
+    float_dir = model_dir
+    if is_packed_folder(model_dir):
+        from edgellm.export.gguf_float import dequantized_folder
+
+        float_dir = dequantized_folder(model_dir, work)
     log = io.StringIO()  # mlx-lm prints its progress; keep it for the work log
     kwargs = {"dtype": "float16"}
     if weights in BITS:
         kwargs.update(quantize=True, q_bits=BITS[weights], q_group_size=group_size)
     with contextlib.redirect_stdout(log):
-        convert(str(model_dir), str(target), **kwargs)
+        convert(str(float_dir), str(target), **kwargs)
     (work / f"mlx-{weights}.log").write_text(log.getvalue())
     (target / "README.md").unlink(missing_ok=True)  # mlx-lm's hub model card template
-    _record(target, weights, group_size)
+    if weights in BITS and is_gptq_folder(model_dir):
+        from edgellm.export.mlx_gptq import carry_gptq_into_mlx
+
+        carry_gptq_into_mlx(model_dir, target)
+    record_export(target, weights, group_size)
     return target
 
 
@@ -75,7 +88,7 @@ def _sliding_window_pattern(config: dict, model: str = "model") -> int | None:
                     f"this model's layer_types ({', '.join(kinds)}) follow no such pattern")
 
 
-def _record(target: Path, weights: str, group_size: int) -> None:
+def record_export(target: Path, weights: str, group_size: int | None) -> None:
     """Note in config.json what edgellm asked for, beside mlx-lm's own `quantization`, and
     restate the rope settings and the layer layout the way mlx-lm reads them."""
     path = target / "config.json"

@@ -82,9 +82,11 @@ def check_rotary(config: dict, model: str = "model") -> None:
                         "multiple of 16: export f16, or another format")
 
 
-def export_onnx(model_dir: Path, target: Path, export, work: Path) -> Path:
+def export_onnx(model_dir: Path, target: Path, export, work: Path,
+                graph_options: tuple[str, ...] = ()) -> Path:
     """Write the ONNX folder `target` (model.onnx, model.onnx.data, genai_config.json,
-    tokenizer files). `target` lies inside a staging folder, so a failure leaves nothing."""
+    tokenizer files). `target` lies inside a staging folder, so a failure leaves nothing.
+    `graph_options`: more builder --extra_options (export/onnx_budget.py unfuses q/k/v)."""
     check_architecture(model_dir, export.weights)
     if export.weights == "int8-dynamic":
         return _export_dynamic_int8(model_dir, target, export, work)
@@ -93,7 +95,7 @@ def export_onnx(model_dir: Path, target: Path, export, work: Path) -> Path:
     cmd = [sys.executable, "-c", BUILDER_CHILD, "-i", str(model_dir),
            "-o", str(target), "-p", PRECISIONS[export.weights], "-e", "cpu",
            "-c", str(work / "onnx-builder-cache"),
-           "--extra_options", *GRAPH_OPTIONS, *builder_options(export)]
+           "--extra_options", *GRAPH_OPTIONS, *graph_options, *builder_options(export)]
     if run_logged(cmd, log) != 0:
         last = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"ONNX export of {model_dir} failed ({last[0][:200]}): see {log}")

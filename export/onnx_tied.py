@@ -55,7 +55,7 @@ def share_tied_int8_embedding(model_path: Path) -> bool:
         graph.node.insert(position + offset, node)
     graph.initializer.remove(inits[gather.input[0]])
     graph.initializer.extend([shape, blocks])
-    _save(model, model_path)
+    save_model(model, model_path)
     return True
 
 
@@ -81,7 +81,7 @@ def _reshaped(nodes: list, name: str, shape: str, what: str) -> str:
     return output
 
 
-def _save(model, model_path: Path) -> None:
+def save_model(model, model_path: Path) -> None:
     """Write the graph and one fresh external-data file (onnx appends to an existing one)."""
     data = model_path.with_name(model_path.name + ".data")
     tmp_model = model_path.with_name(model_path.name + ".tmp")
@@ -96,6 +96,7 @@ def _save(model, model_path: Path) -> None:
             if entry.key == "location":
                 entry.value = data.name
     onnx.save_model(final, tmp_model)
-    tmp_data.chmod(data.stat().st_mode & 0o777)  # onnx creates it private; keep the builder's mode
+    # onnx creates it private; keep the builder's mode (or the model file's, for a new one)
+    tmp_data.chmod((data if data.exists() else tmp_model).stat().st_mode & 0o777)
     tmp_data.replace(data)
     tmp_model.replace(model_path)

@@ -127,3 +127,25 @@ def gptq_folder(tiny_llama: Path, tmp_path: Path, **options) -> Path:
 @pytest.fixture(scope="module")
 def tiny_gptq(tiny_llama, tmp_path_factory) -> Path:
     return gptq_folder(tiny_llama, tmp_path_factory.mktemp("gptq"), grid="q4_0")
+
+
+def window_nll_of(fmt: str, path: Path) -> float:
+    """Mean NLL of one fixed 64-token window of the tiny vocabulary in runtime `fmt`."""
+    import numpy as np
+
+    from edgellm.runtimes import open_runtime, window_nll
+
+    runtime = open_runtime(fmt, str(path), 1, 64)
+    try:
+        return window_nll(runtime, (np.arange(64, dtype=np.int32) * 7) % 250)[0]
+    finally:
+        runtime.close()
+
+
+def save_beside(model, source: Path, dest: Path) -> Path:
+    """`model` saved as an HF folder at `dest` with `source`'s tokenizer files."""
+    model.save_pretrained(dest)
+    for extra in source.iterdir():
+        if extra.name.startswith("tokenizer") or extra.name == "special_tokens_map.json":
+            (dest / extra.name).write_bytes(extra.read_bytes())
+    return dest

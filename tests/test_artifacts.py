@@ -1,5 +1,7 @@
 """Atomic writes, manifests and content hashes: what makes reruns safe."""
 
+import json
+
 import pytest
 
 from edgellm.artifacts import (
@@ -115,3 +117,21 @@ def test_content_hash_changes_with_content(tmp_path):
     first = sha256_files([a])
     a.write_bytes(b"two")
     assert sha256_files([a]) != first
+
+
+def test_a_publish_killed_while_hashing_leaves_a_folder_the_next_run_clears(tmp_path, monkeypatch):
+    """SIGKILL runs no handler: whatever moment publish_dir dies at, the staging folder still
+    carries the marker (so a rerun removes it), and the published folder does not list it."""
+    import edgellm.artifacts as artifacts
+
+    final = tmp_path / "variant"
+    staging = fresh_staging_dir(final)
+    (staging / "model.gguf").write_bytes(b"weights")
+    seen = []
+    real_hash = artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file",
+                        lambda p: seen.append((staging / STAGING_MARKER).is_file()) or real_hash(p))
+    publish_dir(staging, final, "key", {})
+    assert seen and all(seen)
+    assert trusted(final, "key") and not (final / STAGING_MARKER).exists()
+    assert STAGING_MARKER not in json.loads((final / "manifest.json").read_text())["files"]

@@ -1,5 +1,6 @@
-"""`edgellm export --max-size-mb/--max-ppl-increase-pct`: measure candidate GGUF types and
-keep the one that meets the budgets best, with the evidence in OUT/report.*."""
+"""`edgellm export --max-size-mb/--max-ppl-increase-pct`: measure candidate types of the
+format (GGUF, ONNX, MLX) and keep the one that meets the budgets best, with the evidence in
+OUT/report.*."""
 
 import json
 
@@ -54,24 +55,6 @@ def test_size_budgets_on_the_tiny_model_measure_what_fits_and_keep_its_best(tmp_
             assert "built" not in result.stdout  # the second budget reused every build
 
 
-def test_a_type_per_tensor_planned_for_the_budget_is_a_candidate(tmp_path, tiny_llama):
-    out = tmp_path / "out"
-    args = ["export", tiny_llama, "--candidates", "q8_0,q4_0,mixed", "--max-tokens", 512,
-            "--ctx", 64, "--out", out]
-    assert run_cli(*args, "--max-size-mb", 1.0).returncode == 0
-    sizes = {r["name"]: r["size_bytes"] for r in json.loads((out / "report.json").read_text())["variants"]}
-    budget = (sizes["gguf-q4_0"] + sizes["gguf-q8_0"]) / 2 / 1e6  # q8_0 no longer fits
-    result = run_cli(*args, "--max-size-mb", budget)
-    assert result.returncode == 0, result.stderr
-    report = json.loads((out / "report.json").read_text())
-    rows = {r["name"]: r for r in report["variants"][1:]}
-    mixed = rows[f"gguf-mixed-{budget:g}mb"]
-    assert mixed["weights"] == "mixed" and mixed["size_bytes"] <= budget * 1e6
-    assert mixed["size_bytes"] > sizes["gguf-q4_0"] and len(mixed["tensor_types"]) >= 2
-    assert set(rows) == {"gguf-q4_0", f"gguf-mixed-{budget:g}mb"}  # q8_0 built, not measured
-    assert report["choice"]["chosen"] == min(rows, key=lambda n: rows[n]["ppl"])
-
-
 def test_no_candidate_within_budget_exits_1_with_the_report(tmp_path, tiny_llama):
     out = tmp_path / "out"
     result = run_cli("export", tiny_llama, "--candidates", "q8_0,q4_0", "--max-tokens", 512,
@@ -82,9 +65,42 @@ def test_no_candidate_within_budget_exits_1_with_the_report(tmp_path, tiny_llama
     assert not list(out.glob("chosen-*"))
 
 
+RUNTIME = {"gguf": "llama.cpp", "onnx": "onnxruntime"}
+
+
+@pytest.mark.parametrize("to, small, large", [("gguf", "q4_0", "q8_0"), ("onnx", "int4", "int8")])
+def test_a_type_per_matrix_planned_for_the_budget_is_a_candidate(tmp_path, tiny_llama, to, small,
+                                                                 large):
+    """`mixed` beside the single types, measured in the format's runtime: a GGUF is linked
+    as the choice, a folder format's choice stays in its variant's folder."""
+    out = tmp_path / "out"
+    args = ["export", tiny_llama, "--to", to, "--candidates", f"{large},{small},mixed",
+            "--max-tokens", 256, "--ctx", 64, "--out", out]
+    assert run_cli(*args, "--max-size-mb", 100).returncode == 0
+    sizes = {r["name"]: r["size_bytes"] for r in json.loads((out / "report.json").read_text())["variants"]}
+    budget = (sizes[f"{to}-{small}"] + sizes[f"{to}-{large}"]) / 2 / 1e6  # the large type no longer fits
+    result = run_cli(*args, "--max-size-mb", budget)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in report["variants"][1:]}
+    mixed = rows[f"{to}-mixed-{budget:g}mb"]
+    assert set(rows) == {f"{to}-{small}", f"{to}-mixed-{budget:g}mb"}  # the large one not measured
+    assert all(r["runtime"] == RUNTIME[to] for r in rows.values())
+    assert mixed["weights"] == "mixed" and mixed["size_bytes"] <= budget * 1e6
+    assert mixed["size_bytes"] > sizes[f"{to}-{small}"] and len(mixed["tensor_types"]) >= 2
+    chosen = report["choice"]["chosen"]
+    assert chosen == min(rows, key=lambda n: rows[n]["ppl"])
+    linked = out / f"chosen-{chosen}.gguf"
+    wrote = linked if to == "gguf" else out / rows[chosen]["path"]
+    assert f"wrote {wrote}" in " ".join(result.stdout.split())
+    assert list(out.glob("chosen-*")) == ([linked] if to == "gguf" else [])
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--to", "onnx", "--max-size-mb", 10], "with --to gguf"),
-    (["--weights", "q4_0", "--max-size-mb", 10], "without --weights"),
+    (["--to", "ort", "--max-size-mb", 10], "in gguf, onnx, mlx: not --to ort"),
+    (["--to", "torch", "--candidates", "f16", "--max-size-mb", 10], "not --to torch"),
+    (["--weights", "q4_0", "--max-size-mb", 10], "leave --weights out"),
+    (["--to", "onnx", "--candidates", "q4_0", "--max-size-mb", 10], "weights 'q4_0' not available"),
     (["--candidates", "q9_9", "--max-size-mb", 10], "weights 'q9_9' not available"),
     (["--candidates", "q4_0,mixed", "--max-ppl-increase-pct", 5], "give --max-size-mb"),
 ])

@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli, write_tiny_recipe
 
 from edgellm.errors import UserError
-from edgellm.export.gguf_budget import allocate
+from edgellm.export.allocation import allocate
 from edgellm.resources import count_parameters
 
 TYPES = {"Q4_0": 4.5, "Q5_0": 5.5, "Q8_0": 8.5}
@@ -78,14 +78,23 @@ def test_padding_is_counted_per_tensor():
 
 @pytest.mark.parametrize("export, message", [
     ('{ format = "gguf", weights = "q4_0", max_size_mb = 1 }', "leave weights out"),
-    ('{ format = "onnx", max_size_mb = 1 }', "max_size_mb only applies to gguf exports"),
+    ('{ format = "ort", max_size_mb = 1 }', "max_size_mb only applies to gguf/onnx/mlx exports"),
+    ('{ format = "mlx", max_size_mb = 0.001 }', "below the smallest MLX folder of this model"),
+    ('{ format = "mlx", target_bpw = 9.5 }', "above the largest candidate type (q8-g64: 8.50 bpw)"),
+    ('{ format = "mlx", max_size_mb = 1, candidates = ["q4-g16"] }', "candidates q4-g16"),
     ('{ format = "gguf", weights = "mixed" }', "weights 'mixed' needs max_size_mb"),
     ('{ format = "gguf", max_size_mb = 1, candidates = ["q9"] }', "candidates q9"),
     ('{ format = "gguf", max_size_mb = 0.001 }', "below the smallest GGUF of this model"),
     ('{ format = "gguf", target_bpw = 2 }', "below the smallest candidate type (q3_k: 3.44 bpw)"),
     ('{ format = "gguf", target_bpw = 12 }', "above the largest candidate type (q8_0: 8.50 bpw)"),
     ('{ format = "gguf", target_bpw = 4, max_size_mb = 1 }', "give one of them"),
-    ('{ format = "onnx", target_bpw = 4 }', "target_bpw only applies to gguf exports"),
+    ('{ format = "torch", weights = "f32", target_bpw = 4 }',
+     "target_bpw only applies to gguf/onnx/mlx exports"),
+    ('{ format = "onnx", max_size_mb = 0.001 }', "below the smallest ONNX file of this model"),
+    ('{ format = "onnx", target_bpw = 3 }', "below the smallest candidate type (int4-b128: 4.28 bpw)"),
+    ('{ format = "onnx", max_size_mb = 1, candidates = ["int3"] }', "candidates int3"),
+    ('{ format = "onnx", max_size_mb = 1, lm_head_bits = 4 }', "leave lm_head_bits out"),
+    ('{ format = "mlx", weights = "q4", max_size_mb = 1 }', "leave weights out"),
 ])
 def test_bad_budgets_are_one_line_before_any_work(tmp_path, tiny_llama, export, message):
     recipe = write_tiny_recipe(tmp_path / "recipe.toml", tiny_llama,

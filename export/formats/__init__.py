@@ -37,6 +37,10 @@ class Format:
     family_need: tuple[str, str] | None = None  # (what, Family field that must be set)
     artifact: str = ""  # what the runtime opens inside a variant folder ("": the folder)
     own_rope: bool = True  # rebuilds the rotary embedding: only rope scalings archs/ routes
+    # the single types `edgellm export --max-size-mb` measures by default, best first
+    # (with a size budget, "mixed" joins them where the format plans a type per tensor)
+    auto_candidates: tuple[str, ...] = ()
+    budget_artifact: str = ""  # what a size budget's floor names ("GGUF", "ONNX file")
 
     def artifact_path(self, folder: Path) -> Path:
         return folder / self.artifact if self.artifact else folder
@@ -54,11 +58,25 @@ class Format:
 
     def resolve_budget(self, spec, params: int) -> None:
         """Turn a budget stated per weight into the size budget the export reads, for a
-        model of `params` weights (before check_size)."""
+        model of `params` weights (before check_size): target_bpw → max_size_mb, for every
+        format that takes one (others refuse target_bpw in their options)."""
+        from edgellm.export.budget_spec import resolve_bpw
+
+        resolve_bpw(spec, params)
 
     def check_size(self, spec, params: int) -> str | None:
-        """A problem with the spec's size budget for a model of `params` weights, before any work."""
-        return None
+        """A problem with the spec's size budget for a model of `params` weights, before any
+        work: below the smallest file the budget's candidates can make."""
+        from edgellm.export.budget_spec import size_floor_problem
+
+        if spec.max_size_mb is None or not self.budget_artifact:
+            return None
+        return size_floor_problem(spec, params, self.candidate_bpw(spec.candidates, spec),
+                                  self.budget_artifact)
+
+    def candidate_bpw(self, candidates, spec) -> dict[str, float]:
+        """Stored bits per weight of each per-tensor candidate type (formats with a budget)."""
+        raise NotImplementedError(f"{self.name} takes no size budget")
 
     def bits_per_weight(self, weights: str) -> float:
         """Stored bits per parameter, rounded up (block scales included)."""
@@ -106,6 +124,11 @@ def format_of(name: str) -> Format:
         raise UserError(f"export format '{name}' is not supported: use one of "
                         f"{', '.join(formats())}")
     return formats()[name]
+
+
+def auto_targets() -> tuple[str, ...]:
+    """Formats `edgellm export --max-size-mb/--max-ppl-increase-pct` chooses a type in."""
+    return tuple(name for name, fmt in formats().items() if fmt.auto_candidates)
 
 
 def export_targets() -> tuple[str, ...]:

@@ -5,19 +5,21 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from edgellm.export.budget_spec import MIXED
 from edgellm.export.formats import Format
 from edgellm.export.formats.onnx import FORMAT as ONNX
-from edgellm.export.formats.onnx import onnx_kind
+from edgellm.export.formats.onnx import MATMUL_NBITS_OPTIONS, onnx_kind
 
 
 class OrtFormat(Format):
     name = "ort"
     summary = "ONNX Runtime Mobile"
-    weights = ONNX.weights
+    # no size budget: the ORT file is larger than the ONNX model the budget would count
+    weights = tuple(w for w in ONNX.weights if w != MIXED)
     lossless = "f32"
     runtimes = ONNX.runtimes
     build_tools = (*ONNX.build_tools, "onnxruntime")  # onnxruntime converts to ORT format
-    options = ONNX.options
+    options = MATMUL_NBITS_OPTIONS
     family_need = ONNX.family_need
     artifact = "ort"
 
