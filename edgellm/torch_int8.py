@@ -111,6 +111,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
         # a plain attribute, not a submodule: state dicts and .to() leave the packed copy alone
         object.__setattr__(self, "kernel", dynamic_kernel(codes, self.scale, self.bias))
+        self.outlier_channels = OUTLIER_CHANNELS  # 0: the whole token through the kernel
 
     def dequantized(self) -> torch.Tensor:
         """The float weight [out, in]."""
@@ -122,11 +123,13 @@ class Int8Linear(nn.Module):
         return nn.functional.linear(x, self.dequantized(), self.bias)
 
     def _decode_step(self, x: torch.Tensor) -> torch.Tensor:
-        """One token: its OUTLIER_CHANNELS largest activations times their weight rows in
+        """One token: its `outlier_channels` largest activations times their weight rows in
         float, the rest through the integer kernel (with those channels zeroed, the token's
         8-bit scale covers the ordinary values only)."""
         flat = x.reshape(1, -1)
-        channels = flat.abs().topk(min(OUTLIER_CHANNELS, flat.shape[1])).indices[0]
+        if not self.outlier_channels:
+            return self.kernel(flat).reshape(*x.shape[:-1], self.out_features)
+        channels = flat.abs().topk(min(self.outlier_channels, flat.shape[1])).indices[0]
         outliers = self.codes_t.index_select(0, channels).float() * self.scale
         y = torch.addmm(self.kernel(flat.index_fill(1, channels, 0.0)),
                         flat.index_select(1, channels), outliers)

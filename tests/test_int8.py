@@ -159,3 +159,22 @@ def test_int8_folder_of_each_family_computes_like_its_float_model(family, tmp_pa
     assert torch.allclose(dequantized, ours, atol=1e-4)
     relative = ((reference - ours).norm() / reference.norm()).item()
     assert 0 < relative < 0.06, relative
+
+
+def test_the_outlier_split_keeps_a_large_channel_exact(tiny_llama, tmp_path):
+    """A token with one huge channel: through the kernel alone, that channel stretches the
+    8-bit scale of all others; with the split (the default), it is multiplied in float."""
+    from edgellm.torch_int8 import write_int8_folder
+
+    folder = tmp_path / "int8"
+    folder.mkdir()
+    write_int8_folder(load_folder_model(tiny_llama), folder)
+    layer = load_folder_model(folder, runtime_quantization=True).model.layers[0].mlp.down_proj
+    x = torch.randn(1, 1, layer.in_features, generator=torch.Generator().manual_seed(0))
+    x[..., 3] = 300.0
+    with torch.no_grad():
+        floating = torch.nn.functional.linear(x, layer.dequantized())
+        split = layer(x)
+        layer.outlier_channels = 0
+        kernel_only = layer(x)
+    assert (split - floating).abs().max() < (kernel_only - floating).abs().max() / 4
