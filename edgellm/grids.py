@@ -290,6 +290,21 @@ def dequantize(grid: Grid, q: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     return grid.value(q.float(), scale, zero)
 
 
+def fit_matrix(grid: Grid, weight: torch.Tensor, importance: torch.Tensor,
+               shrinks: tuple[float, ...] = SHRINKS) -> tuple[torch.Tensor, ...]:
+    """Round-to-nearest of a whole [rows, cols] matrix onto `grid`, each block's range
+    narrowed as the `importance`-weighted rounding error prefers (the search GPTQ's static
+    scales use): (q [rows, cols], scale and zero [rows, cols/group])."""
+    q, scales, zeros = [], [], []
+    for start in range(0, weight.shape[1], grid.group):
+        block = weight[:, start:start + grid.group]
+        scale, zero = grid.fit(block, importance[start:start + grid.group], shrinks)
+        q.append(grid.quantize(block, scale, zero))
+        scales.append(scale)
+        zeros.append(zero)
+    return torch.cat(q, 1), torch.stack(scales, 1), torch.stack(zeros, 1)
+
+
 def grid_named(label: str) -> Grid | None:
     """The grid a plan or checkpoint names: a GGUF type (`q4_0`, `Q4_0`) or an NBits label
     (`nbits4-g32-asym`); None for a type no grid here describes (k-quants)."""

@@ -2,15 +2,17 @@
 quantization, the embedding included), chosen to minimise the predicted KL divergence.
 
 The damage of each matrix on each candidate is ½ Σ F ⊙ (W − Ŵ)² with F the diagonal
-Fisher information per column (export/fisher.py) and Ŵ what MLX itself writes: the
-float16 weight through `mx.quantize` and back (`mx.dequantize`), as mlx-lm's converter
-does. Bytes are the packed integers plus float16 scales and biases; every other byte of
-the folder is measured once from mlx-lm's float16 export. The allocation is the knapsack
-shared with GGUF and ONNX (export/allocation.py); mlx-lm's converter writes the file with
-its per-layer quantization predicate, so `mlx_lm.load` reads the types from config.json.
+Fisher information per column (export/fisher.py) and Ŵ what MLX computes from the tensors
+edgellm writes: the float16 weight on MLX's affine groups, each group's range narrowed as
+the Fisher-weighted error prefers (mlx-lm's own rounding takes the full min/max range:
+on SmolLM2 at 4.5 bpw that cost +41% against the float model; README), read back through
+`mx.dequantize`. Bytes are the packed integers plus float16 scales and biases; every other
+byte of the folder is measured once from mlx-lm's float16 export. The allocation is the
+knapsack shared with GGUF and ONNX (export/allocation.py); mlx-lm's converter writes the
+folder with its per-layer quantization predicate, so `mlx_lm.load` reads the types from
+config.json, and the planned matrices' tensors are then replaced by the searched ones.
 With GPTQ before it, every decoder matrix is solved onto its planned bits and groups and
-its integers written in place of MLX's rounding (export/mlx_gptq.py); the embedding is
-MLX's rounding.
+its integers written instead (export/mlx_gptq.py); the embedding keeps the search.
 """
 
 from __future__ import annotations
@@ -44,14 +46,30 @@ def candidate_bpw(candidates) -> dict[str, float]:
     return {c: bits + 32 / group for c in candidates for bits, group in [candidate_bits(c)]}
 
 
-def rounded(weight: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, int]:
-    """(what MLX computes with, bytes stored) for a matrix quantized as mlx-lm does."""
+def searched(weight: np.ndarray, bits: int, group: int, fisher: np.ndarray) -> dict[str, np.ndarray]:
+    """{"weight", "scales", "biases"} of a matrix as MLX stores them, rounded onto MLX's
+    affine groups with each group's range narrowed as the Fisher-weighted error prefers
+    (mlx-lm rounds at the full min/max range; the search is the one ONNX budgets and
+    GPTQ's static scales use): the float16 weight on the NBits grid with zero points,
+    bias = −zero·scale (export/mlx_gptq.py)."""
+    import torch
+
+    from edgellm.export.mlx_gptq import affine_tensors
+    from edgellm.grids import NBits, fit_matrix
+
+    w = torch.from_numpy(weight.astype(np.float16).astype(np.float32))
+    q, scale, zero = fit_matrix(NBits(bits, group, False), w,
+                                torch.from_numpy(fisher.astype(np.float32)))
+    return affine_tensors(q.numpy().astype(np.uint32), scale.numpy(), zero.numpy(), bits)
+
+
+def computed(tensors: dict[str, np.ndarray], bits: int, group: int) -> np.ndarray:
+    """The float32 matrix MLX computes from stored {"weight", "scales", "biases"}."""
     import mlx.core as mx
 
-    w = mx.array(weight).astype(mx.float16)
-    q, scales, biases = mx.quantize(w, group_size=group, bits=bits)
-    values = mx.dequantize(q, scales, biases, group_size=group, bits=bits).astype(mx.float32)
-    return np.array(values), q.nbytes + scales.nbytes + biases.nbytes
+    values = mx.dequantize(*(mx.array(tensors[p]) for p in ("weight", "scales", "biases")),
+                           group_size=group, bits=bits)
+    return np.array(values.astype(mx.float32))
 
 
 def damage_table(weights, fisher, candidates) -> dict[str, dict[str, tuple[int, float]]]:
@@ -63,8 +81,9 @@ def damage_table(weights, fisher, candidates) -> dict[str, dict[str, tuple[int, 
             bits, group = candidate_bits(candidate)
             if weight.shape[1] % group:
                 continue
-            values, nbytes = rounded(weight, bits, group)
-            error = ((values - weight) ** 2).sum(axis=0)
+            tensors = searched(weight, bits, group, fisher[name])
+            error = ((computed(tensors, bits, group) - weight) ** 2).sum(axis=0)
+            nbytes = sum(t.nbytes for t in tensors.values())
             table[name][candidate] = (nbytes, 0.5 * float((fisher[name] * error).sum()))
     return table
 
@@ -98,7 +117,7 @@ def budget_plan(model_dir: Path, spec, work: Path, calibration) -> dict:
     fisher = fisher_by_parameter(model_dir, calibration, work)
     key = sha256_json([sha256_files(sorted(Path(model_dir).glob("*.safetensors"))),
                        {k: float(v.sum()) for k, v in fisher.items()}, list(spec.candidates),
-                       "priced-only"])
+                       "searched"])
 
     def price() -> dict:
         weights = {n: w for n, w in float_matrices(model_dir).items() if n in fisher}
@@ -159,6 +178,20 @@ def _itemsize(dtype: str) -> int:
     return {"U32": 4, "F16": 2, "BF16": 2, "F32": 4, "U8": 1}.get(dtype, 4)
 
 
+def searched_modules(float_dir: Path, record: dict, solved: set[str], work: Path,
+                     calibration) -> dict[str, dict[str, np.ndarray]]:
+    """{module: MLX tensors} of every planned matrix GPTQ did not solve, rounded as priced."""
+    from edgellm.export.fisher import fisher_by_parameter, float_matrices
+
+    planned = {n: c for n, c in record["tensor_types"].items() if n.removesuffix(".weight") not in solved}
+    if not planned:
+        return {}
+    fisher = fisher_by_parameter(float_dir, calibration, work)
+    weights = float_matrices(float_dir)
+    return {name.removesuffix(".weight"): searched(weights[name], *candidate_bits(c), fisher[name])
+            for name, c in planned.items()}
+
+
 def export_budget_mlx(model_dir: Path, target: Path, spec, work: Path, calibration) -> Path:
     """The plan, then mlx-lm's converter with one quantization per module; refused if a
     planned module was not quantized as planned or the folder came out over the budget."""
@@ -170,8 +203,9 @@ def export_budget_mlx(model_dir: Path, target: Path, spec, work: Path, calibrati
     from edgellm.errors import UserError
     from edgellm.export.allocation import carried_plan
     from edgellm.export.gguf_float import dequantized_folder
+    from edgellm.export.gguf_gptq import packed_linears
     from edgellm.export.mlx import check_mlx_support, record_export
-    from edgellm.export.mlx_gptq import carry_gptq_into_mlx
+    from edgellm.export.mlx_gptq import carry_gptq_into_mlx, replace_in_mlx
     from edgellm.models import is_packed_folder
 
     check_mlx_support(json.loads((Path(model_dir) / "config.json").read_text()), str(model_dir))
@@ -185,7 +219,10 @@ def export_budget_mlx(model_dir: Path, target: Path, spec, work: Path, calibrati
                 dtype="float16", quant_predicate=lambda path, module: settings.get(path, False))
     (work / "mlx-budget.log").write_text(log.getvalue())
     (target / "README.md").unlink(missing_ok=True)
-    record["gptq_tensors"] = carry_gptq_into_mlx(model_dir, target) if float_dir != model_dir else 0
+    solved = set(packed_linears(model_dir)) if float_dir != model_dir else set()
+    replace_in_mlx(target, searched_modules(float_dir, record, solved, work, calibration),
+                   "the plan's search wrote")
+    record["gptq_tensors"] = carry_gptq_into_mlx(model_dir, target) if solved else 0
     record_export(target, "mixed", None)
     written_config = json.loads((target / "config.json").read_text())["quantization"]
     missing = [p for p, s in settings.items() if written_config.get(p) != s]

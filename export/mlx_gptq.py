@@ -31,16 +31,23 @@ def pack_words(q: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(stream).view("<u4").astype(np.uint32)
 
 
-def mlx_tensors(linear, bits: int) -> dict[str, np.ndarray]:
-    """{"weight", "scales", "biases"} of one GPTQ linear as MLX stores them at `bits` (a
-    checkpoint holds 5- and 6-bit integers in its 8-bit layout)."""
-    q = linear.q.numpy()
+def affine_tensors(q: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+                   bits: int) -> dict[str, np.ndarray]:
+    """{"weight", "scales", "biases"} as MLX stores integers q with per-group scale and
+    integer zero point: w = (q − zero)·scale = q·scale + bias, bias = −zero·scale."""
     if int(q.max()) >= 1 << bits:
         raise UserError(f"GPTQ integers up to {int(q.max())} do not fit MLX's {bits} bits: "
                         "export with the step's bits")
-    scale = linear.scale.float().numpy().astype(np.float16)
-    bias = (-linear.zero.float().numpy() * scale.astype(np.float32)).astype(np.float16)
+    scale = scale.astype(np.float16)
+    bias = (-zero.astype(np.float32) * scale.astype(np.float32)).astype(np.float16)
     return {"weight": pack_words(q, bits), "scales": scale, "biases": bias}
+
+
+def mlx_tensors(linear, bits: int) -> dict[str, np.ndarray]:
+    """{"weight", "scales", "biases"} of one GPTQ linear as MLX stores them at `bits` (a
+    checkpoint holds 5- and 6-bit integers in its 8-bit layout)."""
+    return affine_tensors(linear.q.numpy(), linear.scale.float().numpy(),
+                          linear.zero.float().numpy(), bits)
 
 
 def module_bits(folder: Path) -> dict:
@@ -53,29 +60,37 @@ def module_bits(folder: Path) -> dict:
     return {None: quant.get("bits"), **out}
 
 
-def carry_gptq_into_mlx(checkpoint: Path, folder: Path) -> int:
-    """Replace, in the mlx-lm folder `folder`, every linear the GPTQ checkpoint solved by
-    its integers; the number replaced. Refused when the folder quantized one otherwise."""
+def replace_in_mlx(folder: Path, modules: dict[str, dict[str, np.ndarray]], what: str) -> int:
+    """Put each module's {"weight", "scales", "biases"} in place of what mlx-lm wrote in
+    `folder`; the number replaced. Refused when mlx-lm quantized one otherwise."""
     from safetensors.numpy import load_file, save_file
 
     from edgellm.artifacts import atomic_path
-    from edgellm.export.gguf_gptq import packed_linears
 
-    linears = packed_linears(checkpoint)
-    widths = module_bits(folder)
     replaced = 0
     for path in sorted(folder.glob("*.safetensors")):
         tensors = load_file(path)
-        for name, linear in linears.items():
+        for name, parts in modules.items():
             if f"{name}.scales" not in tensors:
                 continue
-            for part, value in mlx_tensors(linear, widths.get(name, widths[None])).items():
+            for part, value in parts.items():
                 if tensors[f"{name}.{part}"].shape != value.shape:
                     raise UserError(f"MLX stored {name}.{part} as {tensors[f'{name}.{part}'].shape}, "
-                                    f"GPTQ solved {value.shape}: export with the step's bits and "
+                                    f"{what} {value.shape}: export with the step's bits and "
                                     "group size")
                 tensors[f"{name}.{part}"] = value
             replaced += 1
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "mlx"})
     return replaced
+
+
+def carry_gptq_into_mlx(checkpoint: Path, folder: Path) -> int:
+    """Replace, in the mlx-lm folder `folder`, every linear the GPTQ checkpoint solved by
+    its integers; the number replaced."""
+    from edgellm.export.gguf_gptq import packed_linears
+
+    widths = module_bits(folder)
+    modules = {name: mlx_tensors(linear, widths.get(name, widths[None]))
+               for name, linear in packed_linears(checkpoint).items()}
+    return replace_in_mlx(folder, modules, "GPTQ solved")

@@ -25,7 +25,7 @@ import numpy as np
 from edgellm.errors import UserError
 from edgellm.export.allocation import allocate, carried_plan
 from edgellm.export.onnx_nbits import Blocks, gather_block_quantized, matmul_nbits
-from edgellm.grids import SHRINKS, NBits
+from edgellm.grids import NBits, fit_matrix
 
 ALLOCATION_FILE = "allocation.json"  # beside the artifact: the plan and its predicted damage
 CANDIDATE = re.compile(r"int(4|8)(?:-b(16|32|64|128|256))?")
@@ -103,21 +103,13 @@ def matrix_nodes(graph, weights: dict[str, np.ndarray]) -> dict[str, list[tuple[
 
 def fit_blocks(weight: np.ndarray, grid: NBits, fisher: np.ndarray) -> Blocks:
     """Round-to-nearest onto `grid`, each block's range narrowed as the Fisher-weighted
-    rounding error prefers (the search GPTQ's static scales use)."""
+    rounding error prefers (grids.fit_matrix)."""
     import torch
 
-
-    w = torch.from_numpy(weight)
-    importance = torch.from_numpy(fisher.astype(np.float32))
-    q, scales, zeros = [], [], []
-    for start in range(0, w.shape[1], grid.group):
-        block = w[:, start:start + grid.group]
-        scale, zero = grid.fit(block, importance[start:start + grid.group], SHRINKS)
-        q.append(grid.quantize(block, scale, zero))
-        scales.append(scale)
-        zeros.append(zero)
-    return Blocks(torch.cat(q, 1).numpy().astype(np.uint8), torch.stack(scales, 1).numpy(),
-                  torch.stack(zeros, 1).numpy().astype(np.uint8), grid.bits, grid.group)
+    q, scale, zero = fit_matrix(grid, torch.from_numpy(weight),
+                                torch.from_numpy(fisher.astype(np.float32)))
+    return Blocks(q.numpy().astype(np.uint8), scale.numpy(), zero.numpy().astype(np.uint8),
+                  grid.bits, grid.group)
 
 
 def damage_table(weights, fisher, nodes, candidates, spec) -> dict[str, dict[str, tuple[int, float]]]:

@@ -149,3 +149,27 @@ def save_beside(model, source: Path, dest: Path) -> Path:
         if extra.name.startswith("tokenizer") or extra.name == "special_tokens_map.json":
             (dest / extra.name).write_bytes(extra.read_bytes())
     return dest
+
+
+def halfway_budget_export(model_dir: Path, tmp_path: Path, plan, export, spec,
+                          low: str, high: str):
+    """A per-matrix budget export of `model_dir` halfway between every matrix in candidate
+    `low` and every one in `high` (so the plan must mix them), checked to be a mixture
+    within the budget: its artifact, record (allocation.json), budget spec, calibration
+    and work folder."""
+    import json
+    from types import SimpleNamespace
+
+    from edgellm.recipe import CalibrationSpec
+
+    calibration = CalibrationSpec(text="wikitext-2-valid", samples=4, seqlen=64)
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    sizes = [plan(model_dir, spec(100, [c]), work, calibration)["predicted_bytes"] for c in (low, high)]
+    budget = spec(sum(sizes) / 2 / 1e6, [low, high])
+    artifact = export(model_dir, tmp_path / "v" / budget.format, budget, work, calibration)
+    record = json.loads((tmp_path / "v" / "allocation.json").read_text())
+    assert len(set(record["tensor_types"].values())) == 2  # a mixture
+    assert record["written_bytes"] <= record["predicted_bytes"] <= budget.max_size_mb * 1e6
+    return SimpleNamespace(artifact=artifact, record=record, budget=budget,
+                           calibration=calibration, work=work)

@@ -9,11 +9,11 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_cli, save_beside, window_nll_of, write_tiny_recipe
+from conftest import halfway_budget_export, run_cli, save_beside, window_nll_of, write_tiny_recipe
 from families import build_family
 
 from edgellm.grids import NBits
-from edgellm.recipe import CalibrationSpec, ExportSpec
+from edgellm.recipe import ExportSpec
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -64,24 +64,17 @@ def test_a_budget_onnx_runs_exactly_its_planned_weights(family, tmp_path):
     from edgellm.export.onnx_budget import budget_plan, candidate_grid, export_budget_onnx, fit_blocks
 
     model_dir = build_family(family, tmp_path / family)
-    calibration = CalibrationSpec(text="wikitext-2-valid", samples=4, seqlen=64)
-    work = tmp_path / "work"
-    work.mkdir()
 
-    def spec(mb, candidates=("int4", "int8")):
+    def spec(mb, candidates):
         return ExportSpec(format="onnx", max_size_mb=mb, candidates=list(candidates),
                           accuracy_level=0)
 
-    low = budget_plan(model_dir, spec(100, ["int4"]), work, calibration)["predicted_bytes"]
-    high = budget_plan(model_dir, spec(100, ["int8"]), work, calibration)["predicted_bytes"]
-    budget = spec((low + high) / 2 / 1e6)
-    folder = export_budget_onnx(model_dir, tmp_path / "v" / "onnx", budget, work, calibration)
-    record = json.loads((tmp_path / "v" / "allocation.json").read_text())
-    assert len(set(record["tensor_types"].values())) == 2  # a mixture
-    assert record["written_bytes"] <= record["predicted_bytes"] <= budget.max_size_mb * 1e6
+    done = halfway_budget_export(model_dir, tmp_path, budget_plan, export_budget_onnx, spec,
+                                 "int4", "int8")
+    folder, record, budget = done.artifact, done.record, done.budget
     assert any(name.endswith("embed_tokens.weight") for name in record["tensor_types"])
 
-    fisher = fisher_by_parameter(model_dir, calibration, work)
+    fisher = fisher_by_parameter(model_dir, done.calibration, done.work)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     params = dict(model.named_parameters())
     for name, candidate in record["tensor_types"].items():
