@@ -203,9 +203,8 @@ def export_budget_mlx(model_dir: Path, target: Path, spec, work: Path, calibrati
     from edgellm.errors import UserError
     from edgellm.export.allocation import carried_plan
     from edgellm.export.gguf_float import dequantized_folder
-    from edgellm.export.gguf_gptq import packed_linears
     from edgellm.export.mlx import check_mlx_support, record_export
-    from edgellm.export.mlx_gptq import carry_gptq_into_mlx, replace_in_mlx
+    from edgellm.export.mlx_gptq import gptq_modules, replace_in_mlx
     from edgellm.models import is_packed_folder
 
     check_mlx_support(json.loads((Path(model_dir) / "config.json").read_text()), str(model_dir))
@@ -219,10 +218,11 @@ def export_budget_mlx(model_dir: Path, target: Path, spec, work: Path, calibrati
                 dtype="float16", quant_predicate=lambda path, module: settings.get(path, False))
     (work / "mlx-budget.log").write_text(log.getvalue())
     (target / "README.md").unlink(missing_ok=True)
-    solved = set(packed_linears(model_dir)) if float_dir != model_dir else set()
-    replace_in_mlx(target, searched_modules(float_dir, record, solved, work, calibration),
-                   "the plan's search wrote")
-    record["gptq_tensors"] = carry_gptq_into_mlx(model_dir, target) if solved else 0
+    solved = gptq_modules(model_dir, target) if float_dir != model_dir else {}
+    # one rewrite of the folder: GPTQ's integers where it solved, the searched groups elsewhere
+    replaced = replace_in_mlx(target, {**searched_modules(float_dir, record, set(solved), work,
+                                                         calibration), **solved}, "the plan wrote")
+    record["gptq_tensors"] = len(replaced & set(solved))
     record_export(target, "mixed", None)
     written_config = json.loads((target / "config.json").read_text())["quantization"]
     missing = [p for p, s in settings.items() if written_config.get(p) != s]

@@ -60,14 +60,14 @@ def module_bits(folder: Path) -> dict:
     return {None: quant.get("bits"), **out}
 
 
-def replace_in_mlx(folder: Path, modules: dict[str, dict[str, np.ndarray]], what: str) -> int:
+def replace_in_mlx(folder: Path, modules: dict[str, dict[str, np.ndarray]], what: str) -> set[str]:
     """Put each module's {"weight", "scales", "biases"} in place of what mlx-lm wrote in
-    `folder`; the number replaced. Refused when mlx-lm quantized one otherwise."""
+    `folder`; the modules replaced. Refused when mlx-lm quantized one otherwise."""
     from safetensors.numpy import load_file, save_file
 
     from edgellm.artifacts import atomic_path
 
-    replaced = 0
+    replaced = set()
     for path in sorted(folder.glob("*.safetensors")):
         tensors = load_file(path)
         for name, parts in modules.items():
@@ -79,18 +79,23 @@ def replace_in_mlx(folder: Path, modules: dict[str, dict[str, np.ndarray]], what
                                     f"{what} {value.shape}: export with the step's bits and "
                                     "group size")
                 tensors[f"{name}.{part}"] = value
-            replaced += 1
+            replaced.add(name)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "mlx"})
     return replaced
 
 
-def carry_gptq_into_mlx(checkpoint: Path, folder: Path) -> int:
-    """Replace, in the mlx-lm folder `folder`, every linear the GPTQ checkpoint solved by
-    its integers; the number replaced."""
+def gptq_modules(checkpoint: Path, folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    """{module: MLX tensors} of every linear the GPTQ checkpoint solved, at the bits the
+    mlx-lm folder `folder` gives that module."""
     from edgellm.export.gguf_gptq import packed_linears
 
     widths = module_bits(folder)
-    modules = {name: mlx_tensors(linear, widths.get(name, widths[None]))
-               for name, linear in packed_linears(checkpoint).items()}
-    return replace_in_mlx(folder, modules, "GPTQ solved")
+    return {name: mlx_tensors(linear, widths.get(name, widths[None]))
+            for name, linear in packed_linears(checkpoint).items()}
+
+
+def carry_gptq_into_mlx(checkpoint: Path, folder: Path) -> int:
+    """Replace, in the mlx-lm folder `folder`, every linear the GPTQ checkpoint solved by
+    its integers; the number replaced."""
+    return len(replace_in_mlx(folder, gptq_modules(checkpoint, folder), "GPTQ solved"))
