@@ -4,8 +4,10 @@ Each decoder layer runs on the calibration activations that the already-quantize
 before it produce; hooks accumulate the Hessian of every linear layer's inputs (layers fed
 the same input share one), the shared solver rounds each weight matrix onto the grid of
 the format it will be written in, and the layer's outputs for the next layer are
-recomputed with the quantized weights. The result is a standard GPTQ checkpoint folder
-(edgellm/gptq_checkpoint.py) whose integers the GGUF and ONNX exporters store as they are.
+recomputed with the quantized weights. Under a size budget, the logits' matrix (lm_head,
+or the embedding tied to it) is solved last, on the final norm's outputs, onto the type the
+budget gave it. The result is a standard GPTQ checkpoint folder (edgellm/gptq_checkpoint.py)
+whose integers the GGUF, ONNX and MLX exporters store as they are.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def identity(options: Options, context) -> dict:
         check_budget_options(options)
         del chosen["backend"]
         return {**chosen, "grid": "per-tensor", "max_size_mb": budget_of(context),
-                "candidates": list(context.export.candidates or ())}
+                "candidates": list(context.export.candidates or ()), "head": "solved"}
     grid = grid_of(options, context)
     if options.backend == "native":  # keeps the keys of steps cached before backends existed
         del chosen["backend"]
@@ -132,9 +134,12 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
     def process(index: int, layer: torch.nn.Module, inputs) -> dict[str, torch.Tensor]:
         return quantize_layer(layer, inputs, grid_for, options, f"model.layers.{index}")
 
+    def head(model, hidden: torch.Tensor, store) -> dict[str, torch.Tensor | None]:
+        return solve_head(model, hidden, store, grids, options)
+
     with Progress(console=context.console, transient=True) as progress:
         progress.console.print(f"gptq: {label} on {len(ids)}×{ids.shape[1]} calibration tokens")
-        stream_layers(source, dest, ids, process, progress)
+        stream_layers(source, dest, ids, process, progress, head=head if plan else None)
     if plan is None:
         write_quant_config(dest, grid, options)
     else:
@@ -187,6 +192,40 @@ def solve_group(linears: dict, names: list[str], hessian: torch.Tensor, grid: Gr
                               grid.storage_bits, grid.group)
         for key, tensor in to_checkpoint(packed).items():
             stored[f"{name}.{key}"] = tensor
+    return stored
+
+
+def head_module(config) -> str:
+    """The module whose matrix computes the logits: lm_head, or the embedding tied to it."""
+    return "model.embed_tokens" if getattr(config, "tie_word_embeddings", False) else "lm_head"
+
+
+@torch.no_grad()
+def solve_head(model, hidden: torch.Tensor, store, grids: dict[str, Grid | None],
+               options: Options) -> dict[str, torch.Tensor | None]:
+    """GPTQ the logits' matrix onto the grid a size budget gave it, as a linear on the
+    final norm's outputs. A tied embedding keeps its float weight (the solved values, which
+    the lookup reads) beside the integers; an untied lm_head is stored as integers only."""
+    from edgellm.compress.layerwise import materialize
+    from edgellm.compress.solver import Hessian
+
+    name = head_module(model.config)
+    grid = grids.get(name)
+    if grid is None or f"{name}.weight" not in store.names():
+        return {}
+    weight = store.get(f"{name}.weight").float()
+    if weight.shape[1] % grid.group:
+        return {}  # left to the exporter's rounding, as a k-quant tensor is
+    materialize(model.model.norm, store, "model.norm.")
+    hessian = Hessian(hidden.shape[-1])
+    for chunk in hidden.split(8):
+        hessian.add(model.model.norm(chunk))
+    model.model.norm.to("meta")
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    stored = solve_group({name: linear}, [name], hessian.matrix(), grid, options)
+    tied = name == "model.embed_tokens"
+    stored[f"{name}.weight"] = linear.weight.data if tied else None
     return stored
 
 

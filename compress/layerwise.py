@@ -170,15 +170,19 @@ def return_freed_memory() -> None:
 
 
 ProcessLayer = Callable[[int, torch.nn.Module, LayerInputs], dict[str, torch.Tensor] | None]
+# (model skeleton, the last layer's outputs, the source's tensors) → tensors to store or, as
+# None, to leave out, among those outside the decoder layers (the embedding, lm_head, norm)
+ProcessHead = Callable[[torch.nn.Module, torch.Tensor, TensorStore], dict[str, torch.Tensor | None]]
 
 
 @torch.no_grad()
 def stream_layers(model_dir: Path, dest: Path, ids: torch.Tensor, process: ProcessLayer,
-                  progress=None, batch: int = 8) -> None:
+                  progress=None, batch: int = 8, head: ProcessHead | None = None) -> None:
     """Run `process(index, layer, inputs)` on each decoder layer in order and save the
     result into `dest` as an HF folder. `process` changes the layer in place (and returns
     None) or returns the tensors to store for it (names relative to the layer). The next
-    layer's inputs are this layer's outputs after `process`."""
+    layer's inputs are this layer's outputs after `process`; `head`, when given, gets the
+    last layer's outputs and says what to store of the tensors outside the layers."""
     model_dir, dest = Path(model_dir), Path(dest)
     store = TensorStore(model_dir)
     model = load_skeleton(model_dir)
@@ -195,7 +199,7 @@ def stream_layers(model_dir: Path, dest: Path, ids: torch.Tensor, process: Proce
         materialize(layer, store, prefix)
         inputs.index = index
         stored = process(index, layer, inputs)
-        if index + 1 < len(layers):  # the last layer's outputs would feed nothing
+        if index + 1 < len(layers) or head is not None:  # the last one's feed only a head
             inputs.advance(layer)
         tensors = stored if stored is not None else layer.state_dict()
         writer.write({prefix + name: tensor for name, tensor in tensors.items()})
@@ -204,6 +208,9 @@ def stream_layers(model_dir: Path, dest: Path, ids: torch.Tensor, process: Proce
         if progress:
             progress.advance(task)
     layer_names = {n for n in store.names() if n.startswith("model.layers.")}
-    writer.write({name: store.get(name) for name in store.names() if name not in layer_names})
+    rest = {name: store.get(name) for name in store.names() if name not in layer_names}
+    if head is not None:
+        rest.update(head(model, inputs.hidden, store))
+    writer.write({name: tensor for name, tensor in rest.items() if tensor is not None})
     writer.close()
     copy_side_files(model_dir, dest)

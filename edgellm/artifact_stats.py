@@ -27,7 +27,8 @@ def model_stats(model_dir: Path) -> dict:
 
     config = json.loads((model_dir / "config.json").read_text())
     bits = (config.get("quantization_config") or {}).get("bits")
-    total, zeros, matrix_total = 0, 0, 0
+    zeros, matrix_total = 0, 0
+    plain: dict[str, int] = {}  # tensor stored as it is → its elements
     packed: dict[str, list] = {}  # linear → [qweight shape, g_idx length]
     for path in model_dir.glob("*.safetensors"):
         with safe_open(path, framework="pt") as handle:
@@ -39,11 +40,14 @@ def model_stats(model_dir: Path) -> dict:
                 if part in ("qweight", "g_idx") and bits:
                     packed.setdefault(module, [None, None])[part == "g_idx"] = shape
                 elif part not in ("qzeros", "scales") or not bits:
-                    total += _numel(shape)
+                    plain[name] = _numel(shape)
                 if name.startswith("model.layers.") and name.endswith(".weight") and len(shape) == 2:
                     tensor = handle.get_tensor(name)
                     zeros += int((tensor == 0).sum())
                     matrix_total += tensor.numel()
+    # a tied embedding GPTQ solved keeps its float weight beside its integers: counted once
+    total = sum(n for name, n in plain.items()
+                if not (name.endswith(".weight") and name.rpartition(".")[0] in packed))
     for qweight, g_idx in packed.values():
         # g_idx holds one entry per input, whatever the linear's own bits (a checkpoint
         # with several grids stores some linears 4-bit and others 8-bit)

@@ -169,19 +169,23 @@ def check_gptq_blocks_carried_under_the_budget(out, plan, budget_mb):
     carried = json.loads((out / "gptq-budget" / "allocation.json").read_text())
     assert carried["tensor_types"] == plan["tensor_types"]  # planned on the same float model
     assert path.stat().st_size <= budget_mb * 1e6
-    decoder = [n for n in plan["tensor_types"] if n.startswith("blk.")]
-    assert carried["gptq_tensors"] == len(decoder) > 0
+    # every planned matrix is on a grid GPTQ solves onto: the decoder's and the tied
+    # embedding, solved as the lm_head on the final norm's outputs
+    assert "token_embd.weight" in plan["tensor_types"]
+    assert carried["gptq_tensors"] == len(plan["tensor_types"])
     (step,) = [p for p in (out / "_work" / "steps").glob("gptq-*") if p.suffix != ".resume"]
     state = dequantized_state(step)
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
     # no name read off edgellm's folders (dequantized-<key> once gave basename "dequantized")
     assert "general.basename" not in reader.fields and "general.finetune" not in reader.fields
-    for layer in range(2):
-        stored = tensors[f"blk.{layer}.ffn_down.weight"]
+    pairs = {f"blk.{layer}.ffn_down.weight": f"model.layers.{layer}.mlp.down_proj.weight"
+             for layer in range(2)}
+    for gguf_name, hf_name in {**pairs, "token_embd.weight": "model.embed_tokens.weight"}.items():
+        stored = tensors[gguf_name]
         assert stored.tensor_type.name == plan["tensor_types"][stored.name]
         values = gguf.quants.dequantize(np.asarray(stored.data), stored.tensor_type)
-        solved = state[f"model.layers.{layer}.mlp.down_proj.weight"].numpy()
+        solved = state[hf_name].numpy()
         assert np.array_equal(values.reshape(solved.shape), solved)
     config = json.loads((step / "config.json").read_text())["quantization_config"]
     assert config["edgellm_grid"] == "mixed"
