@@ -214,8 +214,8 @@ def solve_head(model, hidden: torch.Tensor, store, grids: dict[str, Grid | None]
     if grid is None or f"{name}.weight" not in store.names():
         return {}
     weight = store.get(f"{name}.weight").float()
-    if weight.shape[1] % grid.group:
-        return {}  # left to the exporter's rounding, as a k-quant tensor is
+    if weight.shape[1] % grid.group or weight.shape[0] % (32 // grid.storage_bits):
+        return {}  # no checkpoint layout for it: left to the exporter's rounding
     materialize(model.model.norm, store, "model.norm.")
     hessian = Hessian(hidden.shape[-1])
     for chunk in hidden.split(8):

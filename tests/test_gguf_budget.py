@@ -203,3 +203,39 @@ export = { format = "gguf", max_size_mb = 10 }
     assert result.returncode == 2 and "leave bits, group_size and backend out" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_gptq_under_a_budget_solves_an_untied_lm_head_into_the_file(tmp_path):
+    """Without tied embeddings the logits' matrix is lm_head: GPTQ solves it on the final
+    norm's outputs and stores it as integers only (no float copy), and the GGUF's output
+    tensor holds those very values."""
+    import gguf
+    import numpy as np
+    from conftest import build_tiny_llama, load_tensors
+
+    from edgellm.gptq_checkpoint import dequantized_state
+
+    model = build_tiny_llama(tmp_path / "untied", tie=False)
+    recipe = write_tiny_recipe(tmp_path / "recipe.toml", model, """
+[[variant]]
+name = "b"
+compress = [{ method = "gptq" }]
+export = { format = "gguf", target_bpw = 8.4, candidates = ["q5_0", "q8_0"] }
+""")  # 8-bit storage: the tiny vocabulary (300) packs only 4 integers per checkpoint word
+    out = tmp_path / "out"
+    result = run_cli("run", recipe, "--out", out)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((out / "b" / "allocation.json").read_text())
+    assert {"output.weight", "token_embd.weight"} <= set(plan["tensor_types"])
+    assert plan["gptq_tensors"] == len(plan["tensor_types"]) - 1  # all but the lookup table
+    (step,) = [p for p in (out / "_work" / "steps").glob("gptq-*") if p.suffix != ".resume"]
+    stored = load_tensors(step)
+    assert "lm_head.qweight" in stored and "lm_head.weight" not in stored
+    assert "model.embed_tokens.qweight" not in stored  # the lookup alone: nothing to solve
+    output = next(t for t in gguf.GGUFReader(out / "b" / "model.gguf").tensors
+                  if t.name == "output.weight")
+    values = gguf.quants.dequantize(np.asarray(output.data), output.tensor_type)
+    solved = dequantized_state(step)["lm_head.weight"].numpy()
+    assert np.array_equal(values.reshape(solved.shape), solved)
+    row = json.loads((out / "report.json").read_text())["variants"][-1]
+    assert row["parameters"] == json.loads((out / "report.json").read_text())["model"]["parameters"]
