@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from edgellm.compress.solver import Hessian
+from edgellm.compress.solver import DiagonalHessian, Hessian
 
 
 def linear_layers(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -23,13 +23,15 @@ class _Enough(Exception):
 
 @torch.no_grad()
 def collect_hessians(layer: torch.nn.Module, inputs, only: list[str] | None = None,
-                     first_group: bool = False) -> dict[str, Hessian]:
+                     first_group: bool = False, diagonal: bool = False) -> dict[str, Hessian]:
     """Run the layer over the calibration activations once; one Hessian per distinct input
     (q/k/v share the normed hidden states, gate/up share theirs). `only` limits which
     linears are measured; with `first_group`, only the first of them to run and those
     sharing its input, and each forward pass stops when a linear with another input comes.
     Either way a pass stops once every measured linear has its input (down_proj's own
-    product, a quarter of the layer's work, would be thrown away)."""
+    product, a quarter of the layer's work, would be thrown away). `diagonal`: only each
+    Hessian's diagonal is accumulated (Wanda)."""
+    kind = DiagonalHessian if diagonal else Hessian
     linears = {n: m for n, m in linear_layers(layer).items() if only is None or n in only}
     hessians: dict[str, Hessian] = {}
     # id of an input tensor within one forward call → (the tensor, kept alive so its id is
@@ -47,7 +49,7 @@ def collect_hessians(layer: torch.nn.Module, inputs, only: list[str] | None = No
             if first_group and seen and id(x) not in seen:
                 raise _Enough
             if id(x) not in seen:
-                seen[id(x)] = (x, hessians.get(name) or Hessian(x.shape[-1]))
+                seen[id(x)] = (x, hessians.get(name) or kind(x.shape[-1]))
                 seen[id(x)][1].add(x)
             hessians[name] = seen[id(x)][1]
             measured.add(name)
@@ -65,14 +67,15 @@ def collect_hessians(layer: torch.nn.Module, inputs, only: list[str] | None = No
     return hessians
 
 
-def sequential_groups(layer: torch.nn.Module, inputs):
+def sequential_groups(layer: torch.nn.Module, inputs, diagonal: bool = False):
     """Yield (names, Hessian) for each group of linears sharing an input, in forward
     order, each measured after the caller changed the groups before it: q/k/v on the
     layer's input, o_proj on what the changed q/k/v attend, and so on ("true sequential"
     in the GPTQ reference code). Costs a partial forward pass per group."""
     remaining = list(linear_layers(layer))
     while remaining:
-        hessians = collect_hessians(layer, inputs, only=remaining, first_group=True)
+        hessians = collect_hessians(layer, inputs, only=remaining, first_group=True,
+                                    diagonal=diagonal)
         group = list(hessians)
         yield group, hessians[group[0]]
         remaining = [n for n in remaining if n not in group]

@@ -102,7 +102,9 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
 
         def process(_index: int, layer: torch.nn.Module, inputs) -> None:
             linears = linear_layers(layer)
-            for names, hessian in layer_groups(layer, inputs, options.sequential):
+            groups = layer_groups(layer, inputs, options.sequential,
+                                  diagonal=options.method == "wanda")
+            for names, hessian in groups:
                 weights = torch.cat([linears[n].weight.data for n in names])
                 pruned = prune_rows(weights, hessian.matrix(), options)
                 parts = pruned.split([linears[n].out_features for n in names])
@@ -112,13 +114,14 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
         stream_layers(source, dest, ids, process, progress)
 
 
-def layer_groups(layer: torch.nn.Module, inputs, sequential: bool):
+def layer_groups(layer: torch.nn.Module, inputs, sequential: bool, diagonal: bool = False):
     """(names, Hessian) per group of linears sharing an input: measured one group at a time
-    after the earlier groups were pruned, or all at once on the unpruned layer."""
+    after the earlier groups were pruned, or all at once on the unpruned layer (only the
+    diagonal when `diagonal`)."""
     if sequential:
-        yield from sequential_groups(layer, inputs)
+        yield from sequential_groups(layer, inputs, diagonal)
         return
-    hessians = collect_hessians(layer, inputs)
+    hessians = collect_hessians(layer, inputs, diagonal=diagonal)
     for names in sharing_groups(hessians):
         yield names, hessians[names[0]]
 

@@ -33,6 +33,24 @@ class Hessian:
         return (2 * self.sum / max(self.rows, 1)).float()
 
 
+class DiagonalHessian(Hessian):
+    """Only H's diagonal, 2/n Σ x_j² (what Wanda reads): a sum of squares per input instead
+    of a cols × cols product per batch (most of Wanda's time on SmolLM2 went to the full
+    products it then threw away)."""
+
+    def __init__(self, cols: int):
+        self.sum = torch.zeros(cols, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.sum += (x * x).sum(dim=0)
+        self.rows += x.shape[0]
+
+    def matrix(self) -> torch.Tensor:
+        return torch.diag(2 * self.sum / max(self.rows, 1)).float()
+
+
 def inverse_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp·mean(diag H), and the mask of
     dead columns (inputs that were always zero: their weights carry no information)."""
@@ -117,41 +135,51 @@ def _nearest(W, grid: Grid, scale, zero) -> torch.Tensor:
 
 def _static_scales(W, H, grid: Grid, shrinks) -> tuple[torch.Tensor, torch.Tensor]:
     """Every block's (scale, zero) fitted on the weights before any column is solved."""
-    importance = torch.diag(H).float()
-    blocks = W.shape[1] // grid.group
-    scale, zero = torch.zeros(len(W), blocks), torch.zeros(len(W), blocks)
-    for g in range(blocks):
-        cols_g = slice(g * grid.group, (g + 1) * grid.group)
-        scale[:, g], zero[:, g] = grid.fit(W[:, cols_g], importance[cols_g], shrinks)
-    return scale, zero
+    return grid.fit_blocks(W, torch.diag(H).float(), shrinks)
 
 
 def _sweep(W, H, Hinv, order, grid: Grid, block: int, shrinks, fixed):
     """One GPTQ sweep of W's columns in `order` onto the grid: onto the `fixed` (scale, zero)
     when given, else fitting each block as its first column comes up (order must then be
-    the natural one)."""
+    the natural one, and is)."""
     rows, cols = W.shape
     group = grid.group
-    importance = torch.diag(H).float()
     block = max(block, group) // group * group  # whole groups per lazy block
     if fixed is not None:
-        scale, zero = fixed[0].clone(), fixed[1].clone()
-    else:
-        scale, zero = torch.zeros(rows, cols // group), torch.zeros(rows, cols // group)
+        return _sweep_fixed(W, Hinv, order, grid, block, *fixed)
+    importance = torch.diag(H).float()
+    scale, zero = torch.zeros(rows, cols // group), torch.zeros(rows, cols // group)
     q = torch.zeros(rows, cols)
 
     def round_column(i: int, w: torch.Tensor, W1: torch.Tensor) -> torch.Tensor:
-        col = int(order[i])
-        g = col // group
-        if fixed is None and i % group == 0:  # fit each group as its first column comes up
+        g = i // group
+        if i % group == 0:  # fit each group as its first column comes up
             local = i % block
             scale[:, g], zero[:, g] = grid.fit(W1[:, local:local + group],
-                                               importance[order[i:i + group]], shrinks)
-        q[:, col] = grid.quantize(w, scale[:, g], zero[:, g])
-        return grid.value(q[:, col], scale[:, g], zero[:, g])
+                                               importance[i:i + group], shrinks)
+        q[:, i] = grid.quantize(w, scale[:, g], zero[:, g])
+        return grid.value(q[:, i], scale[:, g], zero[:, g])
+
+    obs_sweep(W, Hinv, round_column, block)
+    return q, scale, zero
+
+
+def _sweep_fixed(W, Hinv, order, grid: Grid, block: int, scale, zero):
+    """The sweep onto scales fixed before it (act_order's static groups): every column's
+    scale and zero are laid out in sweep order up front, so rounding a column is a few
+    elementwise ops (the per-column Python work is most of a small model's solve)."""
+    S = scale.repeat_interleave(grid.group, dim=1)[:, order].T.contiguous()
+    Z = zero.repeat_interleave(grid.group, dim=1)[:, order].T.contiguous()
+    Q = torch.empty_like(S)  # [cols, rows] in sweep order
+
+    def round_column(i: int, w: torch.Tensor, W1: torch.Tensor) -> torch.Tensor:
+        Q[i] = grid.quantize(w, S[i], Z[i])
+        return grid.value(Q[i], S[i], Z[i])
 
     obs_sweep(W[:, order], Hinv, round_column, block)
-    return q, scale, zero
+    q = torch.empty(W.shape)
+    q[:, order] = Q.T
+    return q, scale.clone(), zero.clone()
 
 
 def block_gram(V: torch.Tensor, H: torch.Tensor, group: int, chunk_elems: int = 1 << 24):

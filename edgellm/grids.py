@@ -83,14 +83,14 @@ class Grid:
         """(scale, zero) per row for a [rows, group] block. With several `shrinks`, the range
         is narrowed by each factor in turn (clipping outliers) and each row keeps the one
         with the least rounding error, weighted per column by `importance` (the Hessian
-        diagonal: how much each input matters). The format stores any scale, so this is
-        still exactly its grid."""
+        diagonal: how much each input matters; [group], or [rows, group] for rows from
+        different blocks). The format stores any scale, so this is still exactly its grid."""
         best = None
         for shrink in shrinks:
             scale, zero = self.fit_range(w.float() * shrink)
             error = (self.value(self.quantize(w, scale, zero), scale[:, None], zero[:, None]) - w) ** 2
             if importance is not None:
-                error = error * importance[None, :]
+                error = error * (importance if importance.dim() == 2 else importance[None, :])
             error = error.sum(dim=1)
             if best is None:
                 best = (error, scale, zero)
@@ -99,6 +99,25 @@ class Grid:
                 best = (torch.where(better, error, best[0]), torch.where(better, scale, best[1]),
                         torch.where(better, zero, best[2]))
         return best[1], best[2]
+
+    def fit_blocks(self, weight: torch.Tensor, importance: torch.Tensor | None = None,
+                   shrinks: tuple[float, ...] = (1.0,),
+                   chunk_elems: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) [rows, cols/group] of every block of a [rows, cols] matrix, each
+        fitted as `fit` fits one, all blocks of a chunk of rows in one call (a call per
+        block was most of GPTQ's fixed cost on small matrices)."""
+        rows, cols = weight.shape
+        blocks = cols // self.group
+        scale, zero = torch.empty(rows, blocks), torch.empty(rows, blocks)
+        step = max(1, chunk_elems // cols)
+        for r1 in range(0, rows, step):
+            chunk = weight[r1:r1 + step].reshape(-1, self.group)
+            weights = None if importance is None else \
+                importance.reshape(1, blocks, self.group).expand(len(chunk) // blocks, -1, -1)
+            fitted = self.fit(chunk, None if weights is None else weights.reshape(-1, self.group),
+                              shrinks)
+            scale[r1:r1 + step], zero[r1:r1 + step] = (t.reshape(-1, blocks) for t in fitted)
+        return scale, zero
 
     def fit_range(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero) covering a [rows, group] block's full range: scale f16-representable,
@@ -295,14 +314,10 @@ def fit_matrix(grid: Grid, weight: torch.Tensor, importance: torch.Tensor,
     """Round-to-nearest of a whole [rows, cols] matrix onto `grid`, each block's range
     narrowed as the `importance`-weighted rounding error prefers (the search GPTQ's static
     scales use): (q [rows, cols], scale and zero [rows, cols/group])."""
-    q, scales, zeros = [], [], []
-    for start in range(0, weight.shape[1], grid.group):
-        block = weight[:, start:start + grid.group]
-        scale, zero = grid.fit(block, importance[start:start + grid.group], shrinks)
-        q.append(grid.quantize(block, scale, zero))
-        scales.append(scale)
-        zeros.append(zero)
-    return torch.cat(q, 1), torch.stack(scales, 1), torch.stack(zeros, 1)
+    scale, zero = grid.fit_blocks(weight.float(), importance, shrinks)
+    blocks = weight.reshape(len(weight), -1, grid.group)
+    q = grid.quantize(blocks, scale[..., None], zero[..., None])
+    return q.reshape(weight.shape), scale, zero
 
 
 def grid_named(label: str) -> Grid | None:

@@ -11,6 +11,7 @@ dropped so the model can be saved as a plain HF folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -138,12 +139,42 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+_PARSED_GGUF: dict = {}  # the last GGUF file transformers parsed in this process
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once(source: ModelSource):
+    """transformers parses a GGUF's whole header anew for the config, the tokenizer and the
+    weights, and gguf-py walks every vocabulary string in Python (6 s per parse for
+    SmolLM2's 49k tokens on 2 cores): while loading, the file parsed last in this process
+    (same path and mtime) is handed back instead of parsed again."""
+    if source.kind != "gguf":
+        yield
+        return
+    import gguf
+
+    parse = gguf.GGUFReader
+
+    def parsed(path, mode="r"):
+        key = (os.fspath(path), mode, os.stat(path).st_mtime_ns)
+        if key not in _PARSED_GGUF:
+            _PARSED_GGUF.clear()
+            _PARSED_GGUF[key] = parse(path, mode)
+        return _PARSED_GGUF[key]
+
+    gguf.GGUFReader = parsed  # transformers imports it from gguf at each load
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = parse
+
+
 def load_tokenizer(source: ModelSource):
     """Load the tokenizer of a model source."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    with _hub_errors(source):
+    with _hub_errors(source), _gguf_parsed_once(source):
         tokenizer = AutoTokenizer.from_pretrained(
             source.path, gguf_file=source.gguf_file, trust_remote_code=False,
             local_files_only=_offline(source),
@@ -173,7 +204,7 @@ def load_model(source: ModelSource, dtype: str = "float32"):
             return load_folder_model(Path(source.path), dtype)
     else:
         kwargs["use_safetensors"] = True
-    with _hub_errors(source):
+    with _hub_errors(source), _gguf_parsed_once(source):
         model, info = AutoModelForCausalLM.from_pretrained(source.path, output_loading_info=True,
                                                            **kwargs)
     check_loading_info(info, source.label or source.path)

@@ -15,17 +15,16 @@ import json
 from pathlib import Path
 
 from edgellm.errors import UserError
-from edgellm.grids import MLX_BITS as BITS
-from edgellm.grids import MLX_GROUP as DEFAULT_GROUP_SIZE  # mlx-lm's default
 
 MLX_WEIGHTS = ("f16", "q8", "q4")
 MLX_NEED = ("the MLX exporter (mlx-lm)", "mlx")  # (what, Family field)
 
 
 def export_mlx(model_dir: Path, target: Path, weights: str, work: Path,
-               group_size: int = DEFAULT_GROUP_SIZE) -> Path:
+               group_size: int | None = None) -> Path:
     """Write the mlx-lm folder `target` from the HF folder `model_dir` (a GPTQ checkpoint
-    solved on this grid: its integers, export/mlx_gptq.py)."""
+    solved on this grid: its integers, export/mlx_gptq.py); quantized types in groups of
+    `group_size` (mlx-lm's default, 64, when None)."""
     try:
         from mlx_lm import convert
     except ImportError:
@@ -34,6 +33,7 @@ def export_mlx(model_dir: Path, target: Path, weights: str, work: Path,
     if weights not in MLX_WEIGHTS:
         raise UserError(f"MLX weights '{weights}' unknown: use one of {', '.join(MLX_WEIGHTS)}")
     from edgellm.gptq_checkpoint import is_gptq_folder
+    from edgellm.grids import MLX_BITS, MLX_GROUP  # torch: imported only when exporting
     from edgellm.models import is_packed_folder
 
     source = json.loads((Path(model_dir) / "config.json").read_text())
@@ -45,13 +45,16 @@ def export_mlx(model_dir: Path, target: Path, weights: str, work: Path,
         float_dir = dequantized_folder(model_dir, work)
     log = io.StringIO()  # mlx-lm prints its progress; keep it for the work log
     kwargs = {"dtype": "float16"}
-    if weights in BITS:
-        kwargs.update(quantize=True, q_bits=BITS[weights], q_group_size=group_size)
+    if weights in MLX_BITS:
+        group_size = group_size or MLX_GROUP
+        kwargs.update(quantize=True, q_bits=MLX_BITS[weights], q_group_size=group_size)
+    else:
+        group_size = None
     with contextlib.redirect_stdout(log):
         convert(str(float_dir), str(target), **kwargs)
     (work / f"mlx-{weights}.log").write_text(log.getvalue())
     (target / "README.md").unlink(missing_ok=True)  # mlx-lm's hub model card template
-    if weights in BITS and is_gptq_folder(model_dir):
+    if weights in MLX_BITS and is_gptq_folder(model_dir):
         from edgellm.export.mlx_gptq import carry_gptq_into_mlx
 
         carry_gptq_into_mlx(model_dir, target)
@@ -89,15 +92,15 @@ def _sliding_window_pattern(config: dict, model: str = "model") -> int | None:
 
 
 def record_export(target: Path, weights: str, group_size: int | None) -> None:
-    """Note in config.json what edgellm asked for, beside mlx-lm's own `quantization`, and
-    restate the rope settings and the layer layout the way mlx-lm reads them."""
+    """Note in config.json what edgellm asked for (`group_size` None: float or mixed),
+    beside mlx-lm's own `quantization`, and restate the rope settings and the layer layout the way mlx-lm reads them."""
     path = target / "config.json"
     config = json.loads(path.read_text())
     _legacy_rope_keys(config)
     if config.get("model_type") == "gemma3_text" and config.get("layer_types"):
         config["sliding_window_pattern"] = _sliding_window_pattern(config, str(target))
     config["edgellm_export"] = {"format": "mlx", "weights": weights,
-                                "group_size": group_size if weights in BITS else None}
+                                "group_size": group_size}
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
