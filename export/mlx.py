@@ -93,7 +93,8 @@ def _sliding_window_pattern(config: dict, model: str = "model") -> int | None:
 
 def record_export(target: Path, weights: str, group_size: int | None) -> None:
     """Note in config.json what edgellm asked for (`group_size` None: float or mixed),
-    beside mlx-lm's own `quantization`, and restate the rope settings and the layer layout the way mlx-lm reads them."""
+    beside mlx-lm's own `quantization`, and restate the rope settings and the layer layout
+    the way mlx-lm reads them."""
     path = target / "config.json"
     config = json.loads(path.read_text())
     _legacy_rope_keys(config)
