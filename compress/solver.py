@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from edgellm.grids import SHRINKS, Grid
+from edgellm.grids import SHRINKS, Grid, nearest
 
 
 class Hessian:
@@ -119,18 +119,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, act_order: bool 
     if act_order:
         scale, zero = _static_scales(W, H, grid, shrinks)
         if refit:
-            scale = refit_scales(W, H, grid, _nearest(W, grid, scale, zero), scale, zero, damp)
+            scale = refit_scales(W, H, grid, nearest(grid, W, scale, zero), scale, zero, damp)
         fixed = scale, zero
     q, scale, zero = _sweep(W, H, Hinv, order, grid, block, shrinks, fixed)
     if refit:
         scale = refit_scales(W, H, grid, q, scale, zero, damp)
     return q, scale, zero
-
-
-def _nearest(W, grid: Grid, scale, zero) -> torch.Tensor:
-    """Round-to-nearest integers of W on the grid with per-block scale and zero."""
-    blocks = W.reshape(len(W), -1, grid.group)
-    return grid.quantize(blocks, scale[..., None], zero[..., None]).reshape(W.shape)
 
 
 def _static_scales(W, H, grid: Grid, shrinks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +173,7 @@ def _sweep_fixed(W, Hinv, order, grid: Grid, block: int, scale, zero):
     obs_sweep(W[:, order], Hinv, round_column, block)
     q = torch.empty(W.shape)
     q[:, order] = Q.T
-    return q, scale.clone(), zero.clone()
+    return q, scale, zero
 
 
 def block_gram(V: torch.Tensor, H: torch.Tensor, group: int, chunk_elems: int = 1 << 24):

@@ -112,10 +112,9 @@ class Grid:
         step = max(1, chunk_elems // cols)
         for r1 in range(0, rows, step):
             chunk = weight[r1:r1 + step].reshape(-1, self.group)
-            weights = None if importance is None else \
-                importance.reshape(1, blocks, self.group).expand(len(chunk) // blocks, -1, -1)
-            fitted = self.fit(chunk, None if weights is None else weights.reshape(-1, self.group),
-                              shrinks)
+            per_block = None if importance is None else \
+                importance.reshape(blocks, self.group).repeat(len(chunk) // blocks, 1)
+            fitted = self.fit(chunk, per_block, shrinks)
             scale[r1:r1 + step], zero[r1:r1 + step] = (t.reshape(-1, blocks) for t in fitted)
         return scale, zero
 
@@ -315,9 +314,14 @@ def fit_matrix(grid: Grid, weight: torch.Tensor, importance: torch.Tensor,
     narrowed as the `importance`-weighted rounding error prefers (the search GPTQ's static
     scales use): (q [rows, cols], scale and zero [rows, cols/group])."""
     scale, zero = grid.fit_blocks(weight.float(), importance, shrinks)
+    return nearest(grid, weight, scale, zero), scale, zero
+
+
+def nearest(grid: Grid, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest integers of a [rows, cols] matrix on `grid` with per-block scale and
+    zero [rows, cols/group]."""
     blocks = weight.reshape(len(weight), -1, grid.group)
-    q = grid.quantize(blocks, scale[..., None], zero[..., None])
-    return q.reshape(weight.shape), scale, zero
+    return grid.quantize(blocks, scale[..., None], zero[..., None]).reshape(weight.shape)
 
 
 def grid_named(label: str) -> Grid | None:
