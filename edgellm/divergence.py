@@ -105,17 +105,25 @@ def _sample_tail(logp: np.ndarray, top_ids: np.ndarray, samples: int,
     return out, mass
 
 
-def divergence(reference: TopK, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def divergence(reference: TopK, logits: np.ndarray,
+               log_norm: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per position: KL(P_ref || Q), exact over the reference's top k plus the sampled
-    estimate of the tail, and whether Q's most likely token is the reference's."""
-    logq = log_softmax(logits).astype(np.float64)
-    rows = np.arange(len(logq))[:, None]
+    estimate of the tail, and whether Q's most likely token is the reference's. Only the
+    log-probabilities of the reference's ids are formed (`log_norm`: the rows'
+    log-sum-exp, when the caller has it), not the whole [positions, vocab] log-softmax."""
+    log_norm = log_normalizer(logits) if log_norm is None else log_norm
+    rows = np.arange(len(logits))[:, None]
+
+    def logq(ids: np.ndarray) -> np.ndarray:  # rounded as log_softmax rounds: identical
+        # logits give the reference's own log-probabilities, and a KL of exactly 0
+        return (logits[rows, ids] - log_norm[:, None]).astype(np.float32).astype(np.float64)
+
     p_kept = reference.logprobs.astype(np.float64)
-    head = (np.exp(p_kept) * (p_kept - logq[rows, reference.ids])).sum(axis=1)
+    head = (np.exp(p_kept) * (p_kept - logq(reference.ids))).sum(axis=1)
     p_tail = np.exp(reference.rest.astype(np.float64))
-    log_ratio = reference.tail_logprobs.astype(np.float64) - logq[rows, reference.tail_ids]
+    log_ratio = reference.tail_logprobs.astype(np.float64) - logq(reference.tail_ids)
     kl = head + p_tail * log_ratio.mean(axis=1)
-    agree = logq.argmax(axis=1) == reference.ids[:, 0]
+    agree = logits.argmax(axis=1) == reference.ids[:, 0]
     return kl, agree
 
 

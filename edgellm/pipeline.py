@@ -229,19 +229,22 @@ def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: 
     target = format_of(variant.export.format)
     # defaults included: a changed default must rebuild what it would change
     spec = variant.model_dump(exclude={"name"})
+    steps = plan_steps(variant, out, reference_key, calibration, console)
     inputs = {"reference": reference_key, "spec": spec,
               "tools": tool_versions(target.build_tools)}
     if variant.export.imatrix or variant.compress:  # only variants that read calibration text
         inputs["calibration"] = calibration.model_dump()
+    if steps:  # the chain's last key: what every step's identity says decides its output
+        inputs["steps"] = steps[-1].key
     key = sha256_json(inputs)
     folder = out / variant.name
     if trusted(folder, key):
         console.print(f"[dim]{variant.name}: up to date in {folder}[/dim]")
         return key
     model_dir, model_key = out / REFERENCE, reference_key
-    for step in variant.compress:
-        model_dir, model_key = build_step(step.model_dump(), model_dir, model_key, out,
-                                          variant.export, calibration, console)
+    for step in steps:
+        build_step(step, console)
+        model_dir, model_key = step.folder, step.key
     work = model_work(out, model_key)
     status = f"{variant.name}: exporting {variant.export.format} {variant.export.weights}"
     with staged_dir(folder) as staging, console.status(status):
@@ -287,8 +290,6 @@ def measure_variant(name: str, export: ExportSpec, steps: list[str], folder: Pat
                          measured=measured, manifest=manifest)
 
 
-
-
 def model_work(out: Path, model_key: str) -> Path:
     """OUT/_work/ref-KEY: the intermediates made from one model (its f32 GGUF, importance
     matrix, Fisher pass), shared by every export and step that reads that model."""
@@ -297,30 +298,59 @@ def model_work(out: Path, model_key: str) -> Path:
     return work
 
 
-def build_step(step: dict, model_dir: Path, model_key: str, out: Path, export: ExportSpec,
-               calibration, console: Console) -> tuple[Path, str]:
-    """Run one compression step on the HF folder `model_dir` into OUT/_work/steps/, once:
-    variants sharing a chain prefix (same inputs, options, calibration) share its output."""
+@dataclass
+class PlannedStep:
+    """One compression step of a variant's chain, before it runs: what it reads, where its
+    output goes, and the key that names that output."""
+
+    step: dict
+    source: Path
+    folder: Path
+    key: str
+    context: object  # edgellm.compress.Context
+
+
+def plan_steps(variant: VariantSpec, out: Path, reference_key: str, calibration,
+               console: Console) -> list[PlannedStep]:
+    """The variant's compression chain with each step's key, computed without running any:
+    a step's key hashes its input's key and its identity, so the last key changes whenever
+    anything that decides any step's output does."""
     from edgellm.compress import Context, step_identity
 
-    target = format_of(export.format)
-    context = Context(calibration=calibration, export=export, console=console,
-                      work=out / WORK, teacher=out / REFERENCE,
-                      tensor_types=partial(target.tensor_plan, model_dir, export,
-                                           model_work(out, model_key), calibration))
-    key = sha256_json({"input": model_key, "tools": tool_versions(STEP_TOOLS),
-                       **step_identity(step, context)})
-    folder = out / WORK / "steps" / f"{step['method']}-{key[:12]}"
-    context.resume = folder.with_name(folder.name + ".resume")
+    target = format_of(variant.export.format)
+    planned, model_dir, model_key = [], out / REFERENCE, reference_key
+    for step in (s.model_dump() for s in variant.compress):
+        context = Context(calibration=calibration, export=variant.export, console=console,
+                          work=out / WORK, teacher=out / REFERENCE,
+                          tensor_types=partial(_tensor_plan, target, model_dir, variant.export,
+                                               out, model_key, calibration))
+        key = sha256_json({"input": model_key, "tools": tool_versions(STEP_TOOLS),
+                           **step_identity(step, context)})
+        folder = out / WORK / "steps" / f"{step['method']}-{key[:12]}"
+        context.resume = folder.with_name(folder.name + ".resume")
+        planned.append(PlannedStep(step, model_dir, folder, key, context))
+        model_dir, model_key = folder, key
+    return planned
+
+
+def _tensor_plan(target, model_dir: Path, export: ExportSpec, out: Path, model_key: str,
+                 calibration) -> dict:
+    """The export's type per tensor for the model a step reads (work folder made on use)."""
+    return target.tensor_plan(model_dir, export, model_work(out, model_key), calibration)
+
+
+def build_step(planned: PlannedStep, console: Console) -> None:
+    """Run one planned compression step on its input HF folder into OUT/_work/steps/, once:
+    variants sharing a chain prefix (same inputs, options, calibration) share its output."""
+    folder, key, step = planned.folder, planned.key, planned.step
     if trusted(folder, key):
         console.print(f"[dim]{step['method']}: reusing {folder}[/dim]")
-        return folder, key
+        return
     from edgellm.compress import apply_step
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     with staged_dir(folder) as staging:
-        apply_step(step, model_dir, staging, context)
-    publish_dir(staging, folder, key, {"step": step, "input": str(model_dir),
+        apply_step(step, planned.source, staging, planned.context)
+    publish_dir(staging, folder, key, {"step": step, "input": str(planned.source),
                                        "tools": tool_versions()})
     console.print(f"{step['method']}: wrote {folder}")
-    return folder, key

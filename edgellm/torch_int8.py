@@ -17,7 +17,10 @@ fbgemm's dynamic INT8 linear (`torch.ao.nn.quantized.dynamic`: the token's activ
 rounded to 8 bits, integer multiply-accumulate), except for the token's 8 largest input
 channels, multiplied in float with their int8 weight rows (LLM.int8()'s outlier split,
 chosen per token): SmolLM2's outlier channels would otherwise stretch the 8-bit scale of
-every other value (README, "INT8 in torch": KL 0.065 → 0.009 on the decode path). Several
+every other value (README, "INT8 in torch": KL 0.065 → 0.009 on the decode path). Linears
+reading the same input (q/k/v, gate/up) decode through one kernel over their stacked rows,
+with one choice of outlier channels (`SharedInput`: 1.26× the decode speed of a kernel per
+linear on SmolLM2, bench/int8_speed.py). Several
 tokens at once (a prompt, a scored window) multiply the dequantized codes in float32:
 weight-only INT8. torch marks fbgemm's quantized tensors deprecated (pytorch/pytorch#184982)
 and still ships them; where a build has no quantized engine, decode steps take the
@@ -101,7 +104,8 @@ def is_int8_folder(folder: Path) -> bool:
 
 class Int8Linear(nn.Module):
     """y = x · (codes × scale)ᵀ + b, the codes kept in int8 (transposed, [in, out], so the
-    rows of a token's outlier channels are contiguous)."""
+    rows of a token's outlier channels are contiguous). A linear of a `SharedInput` group
+    decodes through the group's kernel and takes its rows of the result."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -109,31 +113,110 @@ class Int8Linear(nn.Module):
         self.register_buffer("codes_t", codes.t().contiguous(), persistent=False)
         self.register_buffer("scale", scale.float(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
-        # a plain attribute, not a submodule: state dicts and .to() leave the packed copy alone
-        object.__setattr__(self, "kernel", dynamic_kernel(codes, self.scale, self.bias))
+        # a plain attribute, not a submodule: state dicts and .to() leave the packed copy
+        # alone; given by `attach_kernels` once the model is whole (None: no quantized engine)
+        object.__setattr__(self, "kernel", None)
         self.outlier_channels = OUTLIER_CHANNELS  # 0: the whole token through the kernel
+        self.shared: SharedInput | None = None
+        self.rows = slice(None)  # this linear's outputs in the group's
 
     def dequantized(self) -> torch.Tensor:
         """The float weight [out, in]."""
         return (self.codes_t.float() * self.scale).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.shape[:-1].numel() == 1:
-            return self._decode_step(x)
+        if x.shape[:-1].numel() == 1:
+            if self.shared is not None:
+                y = self.shared.decode(x, self.outlier_channels)[:, self.rows]
+                return y.reshape(*x.shape[:-1], self.out_features)
+            if self.kernel is not None:
+                y = decode_step(x.reshape(1, -1), self.kernel, self.codes_t, self.scale,
+                                self.outlier_channels)
+                return y.reshape(*x.shape[:-1], self.out_features)
         return nn.functional.linear(x, self.dequantized(), self.bias)
 
-    def _decode_step(self, x: torch.Tensor) -> torch.Tensor:
-        """One token: its `outlier_channels` largest activations times their weight rows in
-        float, the rest through the integer kernel (with those channels zeroed, the token's
-        8-bit scale covers the ordinary values only)."""
-        flat = x.reshape(1, -1)
-        if not self.outlier_channels:
-            return self.kernel(flat).reshape(*x.shape[:-1], self.out_features)
-        channels = flat.abs().topk(min(self.outlier_channels, flat.shape[1])).indices[0]
-        outliers = self.codes_t.index_select(0, channels).float() * self.scale
-        y = torch.addmm(self.kernel(flat.index_fill(1, channels, 0.0)),
-                        flat.index_select(1, channels), outliers)
-        return y.reshape(*x.shape[:-1], self.out_features)
+
+def decode_step(flat: torch.Tensor, kernel, codes_t: torch.Tensor, scale: torch.Tensor,
+                outlier_channels: int) -> torch.Tensor:
+    """One token [1, in]: its `outlier_channels` largest activations times their weight rows
+    in float, the rest through the integer kernel (with those channels zeroed, the token's
+    8-bit scale covers the ordinary values only)."""
+    if not outlier_channels:
+        return kernel(flat)
+    channels = flat.abs().topk(min(outlier_channels, flat.shape[1])).indices[0]
+    outliers = codes_t.index_select(0, channels).float() * scale
+    return torch.addmm(kernel(flat.index_fill(1, channels, 0.0)),
+                       flat.index_select(1, channels), outliers)
+
+
+class SharedInput:
+    """Linears fed the same tensor (q/k/v, gate/up) decoding one token: one choice of
+    outlier channels and one integer kernel over their stacked rows, computed when the
+    first of them is called and handed to the others (the same tensor object, unchanged
+    since: see `_version`); a different input is simply computed again.
+    Each linear's codes become a view of the stacked ones and its own kernel goes: the
+    packed weights are held once. Measured on SmolLM2 (bench/int8_decode.py): fewer,
+    larger kernel calls per token."""
+
+    def __init__(self, members: list[Int8Linear]):
+        self.codes_t = torch.cat([m.codes_t for m in members], dim=1)
+        self.scale = torch.cat([m.scale for m in members])
+        biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in members]
+        bias = torch.cat(biases) if any(m.bias is not None for m in members) else None
+        self.kernel = dynamic_kernel(self.codes_t.t().contiguous(), self.scale, bias)
+        start = 0
+        for member in members:
+            rows = slice(start, start + member.out_features)
+            member.codes_t, member.scale = self.codes_t[:, rows], self.scale[rows]
+            member.shared, member.rows = self, rows
+            start = rows.stop
+        self._last: tuple[torch.Tensor, int, int, torch.Tensor] | None = None
+
+    def decode(self, x: torch.Tensor, outlier_channels: int) -> torch.Tensor:
+        last, version = self._last, _version(x)
+        if last is not None and last[0] is x and last[1] == version and \
+                last[2] == outlier_channels:
+            return last[3]
+        y = decode_step(x.reshape(1, -1), self.kernel, self.codes_t, self.scale, outlier_channels)
+        self._last = (x, version, outlier_channels, y)
+        return y
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """How many in-place writes the tensor has had; None for an inference-mode tensor,
+    which keeps no count (the same object is then taken as unchanged: the decoder layers
+    hand one normed tensor to q/k/v, and one to gate/up, without writing to it between)."""
+    return None if x.is_inference() else x._version
+
+
+def attach_kernels(model) -> None:
+    """Give the int8 linears their decode kernels, where this torch has a quantized engine:
+    one per group of linears reading the same input, one each for the others. Built once
+    the model is whole, so no linear packs a kernel it then gives up."""
+    if not has_quantized_engine():
+        return
+    share_decode_inputs(model)
+    for module in model.modules():
+        if isinstance(module, Int8Linear) and module.shared is None:
+            object.__setattr__(module, "kernel", dynamic_kernel(
+                module.codes_t.t().contiguous(), module.scale, module.bias))
+
+
+def share_decode_inputs(model) -> int:
+    """Group each decoder layer's int8 linears that read the same input (the consumers of
+    one norm in the family's description: q/k/v, gate/up) into `SharedInput`s; returns how
+    many groups."""
+    from edgellm.archs import family_of
+
+    family = family_of(model.config.to_dict())
+    groups = 0
+    for layer in model.model.layers:
+        for smooth in family.smooth:
+            members = [layer.get_submodule(name) for name in smooth.consumers]
+            if len(members) > 1 and all(isinstance(m, Int8Linear) for m in members):
+                SharedInput(members)
+                groups += 1
+    return groups
 
 
 class Int8Embedding(nn.Module):
@@ -153,16 +236,20 @@ class Int8Embedding(nn.Module):
         return rows if self.multiplier is None else rows * self.multiplier.to(rows.dtype)
 
 
-def dynamic_kernel(codes: torch.Tensor, scale: torch.Tensor, bias):
-    """fbgemm's (or the platform's) dynamic INT8 linear holding these very codes, or None
-    where this torch has no quantized engine."""
+def has_quantized_engine() -> bool:
+    """Whether this torch build can run dynamic INT8 linears (fbgemm on x86, qnnpack on ARM)."""
     try:
-        from torch.ao.nn.quantized.dynamic import Linear
+        import torch.ao.nn.quantized.dynamic  # noqa: F401
     except ImportError:
-        return None
-    if not torch.backends.quantized.supported_engines or \
-            torch.backends.quantized.engine == "none":
-        return None
+        return False
+    return bool(torch.backends.quantized.supported_engines) and \
+        torch.backends.quantized.engine != "none"
+
+
+def dynamic_kernel(codes: torch.Tensor, scale: torch.Tensor, bias):
+    """fbgemm's (or the platform's) dynamic INT8 linear holding these very codes [out, in]."""
+    from torch.ao.nn.quantized.dynamic import Linear
+
     with warnings.catch_warnings():  # "quantized tensor creation functions are deprecated"
         warnings.simplefilter("ignore")
         weight = torch._make_per_channel_quantized_tensor(
@@ -204,6 +291,8 @@ def load_int8_model(folder: Path, dequantize: bool = False):
                  "the folder is incomplete or from another model")
     if config.tie_word_embeddings and dequantize:
         model.tie_weights()
+    if not dequantize:
+        attach_kernels(model)
     return model
 
 

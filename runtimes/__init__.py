@@ -113,9 +113,11 @@ def argmax(logits: np.ndarray) -> int:
     return int(np.argmax(logits))
 
 
-def nll_of_targets(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Sum over rows of -log softmax(logits)[target]."""
-    log_norm = log_normalizer(logits)
+def nll_of_targets(logits: np.ndarray, targets: np.ndarray,
+                   log_norm: np.ndarray | None = None) -> float:
+    """Sum over rows of -log softmax(logits)[target] (`log_norm`: the rows' log-sum-exp,
+    when the caller has it)."""
+    log_norm = log_normalizer(logits) if log_norm is None else log_norm
     picked = logits[np.arange(len(targets)), targets].astype(np.float64)
     return float((log_norm - picked).sum())
 

@@ -101,7 +101,7 @@ def _score(runtime, windows: list[np.ndarray], progress, topk_write: str | None 
            topk_read: str | None = None) -> dict:
     """Perplexity over the windows; with a reference's top-k file, KL divergence and top-1
     agreement too (the reference itself writes that file, then is compared with it)."""
-    from edgellm.divergence import TopK, divergence, summarize, top_k
+    from edgellm.divergence import TopK, divergence, log_normalizer, summarize, top_k
     from edgellm.runtimes import nll_of_targets
 
     reference = TopK.load(Path(topk_read)) if topk_read else None
@@ -113,13 +113,14 @@ def _score(runtime, windows: list[np.ndarray], progress, topk_write: str | None 
     task = progress.add_task("scoring windows", total=len(windows)) if progress else None
     for window in windows:
         logits = runtime.window_logits(window)
-        nll_sum += nll_of_targets(logits, window[1:])
+        log_norm = log_normalizer(logits)  # shared by the NLL and the divergence
+        nll_sum += nll_of_targets(logits, window[1:], log_norm)
         if topk_write:
             parts.append(top_k(logits))
         ref = parts[-1] if topk_write else reference.window(scored, len(logits)) \
             if reference is not None else None
         if ref is not None:
-            kl, agree = divergence(ref, logits)
+            kl, agree = divergence(ref, logits, log_norm)
             kls.append(kl)
             agrees.append(agree)
         scored += len(logits)

@@ -178,3 +178,42 @@ def test_the_outlier_split_keeps_a_large_channel_exact(tiny_llama, tmp_path):
         layer.outlier_channels = 0
         kernel_only = layer(x)
     assert (split - floating).abs().max() < (kernel_only - floating).abs().max() / 4
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "gemma3"])
+def test_linears_reading_one_input_decode_through_one_kernel_with_the_same_result(family, tmp_path):
+    """q/k/v and gate/up decode one token through one stacked kernel (one outlier choice
+    for the shared input): the tokens decoded match each linear decoding on its own."""
+    from families import build_family
+
+    from edgellm import torch_int8
+
+    source = build_family(family, tmp_path / "src")
+    folder = tmp_path / "int8"
+    folder.mkdir()
+    torch_int8.write_int8_folder(load_folder_model(source), folder)
+    shared = load_folder_model(folder, runtime_quantization=True)
+    attention = shared.model.layers[0].self_attn
+    assert attention.q_proj.shared is attention.k_proj.shared is attention.v_proj.shared
+    assert attention.q_proj.shared is not None and attention.q_proj.kernel is None
+    assert shared.model.layers[0].mlp.up_proj.shared is not None
+    assert attention.o_proj.shared is None and attention.o_proj.kernel is not None
+
+    def decode(model, steps=6):
+        ids, past, logits = torch.arange(3, 12)[None], None, []
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+            for _ in range(steps):
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                logits.append(out.logits[0, -1])
+                out = model(input_ids=token, past_key_values=past, use_cache=True)
+        return torch.stack(logits)
+
+    apart = torch_int8.share_decode_inputs  # loaded again with every linear on its own
+    torch_int8.share_decode_inputs = lambda model: 0
+    try:
+        separate = load_folder_model(folder, runtime_quantization=True)
+    finally:
+        torch_int8.share_decode_inputs = apart
+    assert separate.model.layers[0].self_attn.q_proj.shared is None
+    assert torch.allclose(decode(shared), decode(separate), atol=1e-5)

@@ -118,3 +118,34 @@ def test_a_changed_tool_version_rebuilds_exactly_what_it_touches(tiny_llama, tmp
     assert "reference: up to date" in text and "reference: measurement reused" in text
     manifest = json.loads((out / "f16" / "manifest.json").read_text())
     assert manifest["tools"]["llama-cpp-python"] == "99.0"
+
+
+def test_a_changed_step_identity_rebuilds_the_variant(tiny_llama, tmp_path, monkeypatch):
+    """A variant's key holds its steps' keys: what a method says decides its output (its
+    `identity`, e.g. GPTQ's grid or a budget's head solve) rebuilds the variant when it
+    changes, even where the recipe's text did not."""
+    import shutil
+
+    from rich.console import Console
+
+    from edgellm import compress
+    from edgellm.pipeline import build_variant
+    from edgellm.recipe import CalibrationSpec, VariantSpec
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_llama, out / "reference")
+    variant = VariantSpec(name="pruned", compress=[{"method": "magnitude", "sparsity": 0.5}],
+                          export={"format": "torch", "weights": "f32"})
+
+    def build() -> str:
+        console = Console(record=True, width=200)
+        build_variant(variant, out, "reference-key", console, CalibrationSpec())
+        return console.export_text()
+
+    assert "pruned: built" in build()
+    assert "pruned: up to date" in build()
+    identity = compress.step_identity
+    monkeypatch.setattr(compress, "step_identity",
+                        lambda step, context: {**identity(step, context), "new": 1})
+    again = build()
+    assert "magnitude: wrote" in again and "pruned: built" in again
