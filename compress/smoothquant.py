@@ -72,12 +72,12 @@ class Migration:
     head_dim: int = 0
     norm_offset: float = 0.0  # the norm computes x̂·(offset + w) (Gemma: 1)
 
-    def _per_producer_channel(self, per_input: torch.Tensor) -> torch.Tensor:
+    def per_producer_channel(self, per_input: torch.Tensor) -> torch.Tensor:
         if self.repeat == 1:
             return per_input
         return per_input.reshape(-1, self.repeat, self.head_dim).amax(dim=1).reshape(-1)
 
-    def _per_input_channel(self, scale: torch.Tensor) -> torch.Tensor:
+    def per_input_channel(self, scale: torch.Tensor) -> torch.Tensor:
         if self.repeat == 1:
             return scale
         groups = scale.reshape(-1, 1, self.head_dim)
@@ -85,9 +85,13 @@ class Migration:
 
     def apply(self, act_max: torch.Tensor, alpha: float) -> None:
         weight_max = torch.stack([c.weight.abs().amax(dim=0) for c in self.consumers]).amax(dim=0)
-        act = self._per_producer_channel(act_max).clamp(min=1e-5)
-        weight = self._per_producer_channel(weight_max).clamp(min=1e-5)
-        scale = (act ** alpha / weight ** (1 - alpha)).clamp(min=1e-5)
+        act = self.per_producer_channel(act_max).clamp(min=1e-5)
+        weight = self.per_producer_channel(weight_max).clamp(min=1e-5)
+        self.move((act ** alpha / weight ** (1 - alpha)).clamp(min=1e-5))
+
+    def move(self, scale: torch.Tensor) -> None:
+        """Divide the producer's output channels by `scale` (one per producer channel) and
+        multiply the consumers' matching input columns by it: the same function."""
         if isinstance(self.producer, torch.nn.Linear):
             self.producer.weight.div_(scale[:, None])
             if self.producer.bias is not None:
@@ -96,31 +100,37 @@ class Migration:
             weight = self.producer.weight
             weight.copy_((weight + self.norm_offset) / scale - self.norm_offset)
         for consumer in self.consumers:
-            consumer.weight.mul_(self._per_input_channel(scale)[None, :])
+            consumer.weight.mul_(self.per_input_channel(scale)[None, :])
 
 
 def migrations_of(model) -> list[Migration]:
     """Each decoder layer's migrations, as its family's description lists them
     (edgellm/archs/: which norm or linear feeds which linears)."""
+    config = model.config.to_dict()
+    layers = getattr(getattr(model, "model", None), "layers", [])
+    migrations = [m for layer in layers for m in layer_migrations(layer, config)]
+    if not migrations:
+        raise UserError(f"smoothquant has no migrations for {type(model).__name__}: see the "
+                        "family's `smooth` list in edgellm/archs/")
+    return migrations
+
+
+def layer_migrations(layer: torch.nn.Module, config: dict) -> list[Migration]:
+    """One decoder layer's migrations (`config`: the model's config.json fields); none for
+    a family whose description lists none."""
     from edgellm.archs import family_of
 
-    family = family_of(model.config.to_dict())
-    layers = getattr(getattr(model, "model", None), "layers", [])
-    if not layers or not family.smooth:
-        raise UserError(f"smoothquant has no migrations for {family.name}: see "
-                        f"edgellm/archs/{family.name}.py")
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    repeat = config.num_attention_heads // (getattr(config, "num_key_value_heads", None)
-                                            or config.num_attention_heads)
+    family = family_of(config)
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    repeat = heads // (config.get("num_key_value_heads") or heads)
     migrations = []
-    for layer in layers:
-        for smooth in family.smooth:
-            producer = layer.get_submodule(smooth.producer)
-            consumers = [layer.get_submodule(name) for name in smooth.consumers]
-            migrations.append(Migration(
-                producer, consumers, repeat if smooth.heads else 1, head_dim if smooth.heads else 0,
-                0.0 if isinstance(producer, torch.nn.Linear) else family.norm_offset))
+    for smooth in family.smooth:
+        producer = layer.get_submodule(smooth.producer)
+        consumers = [layer.get_submodule(name) for name in smooth.consumers]
+        migrations.append(Migration(
+            producer, consumers, repeat if smooth.heads else 1, head_dim if smooth.heads else 0,
+            0.0 if isinstance(producer, torch.nn.Linear) else family.norm_offset))
     return migrations
 
 
