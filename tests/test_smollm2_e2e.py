@@ -228,8 +228,10 @@ def test_gptq_int8_onnx_keeps_quality(demo):
     _, rows, _, _ = demo
     int8 = rows["onnx-gptq-int8"]
     assert int8["steps"] == ["gptq"] and int8["weights"] == "int8"
-    # 4,096 tokens: +0.45% (16 GPTQ samples, its own); builder RTN int8 +0.69% (16,384)
-    assert 0 < int8["ppl_delta_pct"] <= 0.6
+    # 4,096 tokens: +0.45% (16 GPTQ samples, its own), −0.13% with AWQ scales (KL 0.0021):
+    # 8 bits are within perplexity's noise either side; builder RTN int8 +0.69% (16,384)
+    assert abs(int8["ppl_delta_pct"]) <= 0.6
+    assert 0 < int8["kl_mean"] < 0.01  # quantized, and close
 
 
 def test_wanda_halves_the_weights_within_its_quality_bar_at_the_dense_size(demo):
