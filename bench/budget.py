@@ -4,16 +4,20 @@ format's own single types on the same model and text, and how long the budget ex
     python bench/budget.py [--format gguf|onnx|mlx] [--model smollm2-135m]
                            [--budgets 80,91.7,105.5,120] [--max-tokens 4096] [--gptq]
                            [--text wikitext-2-raw-test] [--out bench-budget]
+                           [--candidates q3_k,q4_0,...] [--peers q4_0,q4_0-imatrix,...]
+                           [--samples 64]
 
 Peers: GGUF, llama.cpp's single types (q4_0/q5_0 also with the importance matrix); ONNX,
 the onnxruntime-genai builder's int4 and int8; MLX, mlx-lm's q4 and q8 (groups of 64).
---gptq adds, per budget, the same plan with GPTQ's integers in it (GGUF and ONNX; about
+--gptq adds, per budget, the same plan with GPTQ's integers in it (every format; about
 4 min of GPTQ per budget for SmolLM2 on 2 cores).
 
 Every variant is built and measured by the ordinary pipeline in OUT (a second call with
 other budgets reuses the Fisher pass and the sensitivity table, so only the first budget
 pays for them; its build time is printed). Candidates exclude types with block minimums
 (q4_1, q5_1, q4_k, q5_k): the built-in SmolLM2 ships Q4_1-rounded, which they recover.
+A model shipped in other types wants other candidates (`--candidates`; Gemma 3 270M
+shipped Q4_K_M: Q5_0, Q4_K, Q6_K and Q8_0 tensors) and may take fewer peers (`--peers`).
 """
 
 from __future__ import annotations
@@ -40,26 +44,32 @@ COLUMNS = [("name", "variant", "{}"), ("size_mb", "size MB", "{:.1f}"),
            ("top1_agreement", "top-1", "{:.1%}"), ("decode_tps", "decode tok/s", "{:.1f}")]
 
 
-def peers(fmt: str) -> list[VariantSpec]:
+def peers(fmt: str, chosen: list[str] | None = None) -> list[VariantSpec]:
+    """The format's own types; for GGUF `chosen` names some of them (`q4_0`, `q4_0-imatrix`)."""
     if fmt != "gguf":
         return [VariantSpec(name=name, export=ExportSpec(format=fmt, weights=weights))
                 for name, weights in PEERS[fmt]]
-    single = [VariantSpec(name=f"llama.cpp-{t}", export=ExportSpec(format="gguf", weights=t))
-              for t in SINGLE_TYPES]
-    return single + [VariantSpec(name=f"llama.cpp-{t}-imatrix",
-                                 export=ExportSpec(format="gguf", weights=t, imatrix=True))
-                     for t in ("q4_0", "q5_0")]
+    names = chosen or [*SINGLE_TYPES, "q4_0-imatrix", "q5_0-imatrix"]
+    return [VariantSpec(name=f"llama.cpp-{n}", export=ExportSpec(
+        format="gguf", weights=n.removesuffix("-imatrix"), imatrix=n.endswith("-imatrix")))
+        for n in names]
 
 
-def variants(budgets: list[float], gptq: bool = False, fmt: str = "gguf") -> list[VariantSpec]:
+def variants(budgets: list[float], gptq: bool = False, fmt: str = "gguf",
+             candidates: list[str] | None = None,
+             chosen_peers: list[str] | None = None) -> list[VariantSpec]:
     def budget(b: float) -> ExportSpec:
-        return ExportSpec(format=fmt, max_size_mb=b, candidates=CANDIDATES[fmt])
+        return ExportSpec(format=fmt, max_size_mb=b, candidates=candidates or CANDIDATES[fmt])
 
     mixed = [VariantSpec(name=f"edgellm-budget-{b:g}", export=budget(b)) for b in budgets]
     if gptq:
         mixed += [VariantSpec(name=f"edgellm-gptq-budget-{b:g}", compress=[{"method": "gptq"}],
                               export=budget(b)) for b in budgets]
-    return peers(fmt) + mixed
+    return peers(fmt, chosen_peers) + mixed
+
+
+def split(listed: str | None) -> list[str] | None:
+    return listed.split(",") if listed else None
 
 
 def main() -> None:
@@ -70,16 +80,19 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--text", default="wikitext-2-raw-test")
     parser.add_argument("--gptq", action="store_true", help="also GPTQ inside each budget")
+    parser.add_argument("--candidates", help="the budget's types, comma-separated")
+    parser.add_argument("--peers", help="GGUF single types to compare, comma-separated "
+                        "(a -imatrix suffix: with the importance matrix)")
+    parser.add_argument("--samples", type=int, default=64, help="calibration windows of 512")
     parser.add_argument("--out", type=Path, default=Path("bench-budget"))
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     budgets = [float(b) for b in (args.budgets or DEFAULT_BUDGETS[args.format]).split(",")]
-    if args.gptq and args.format == "mlx":
-        parser.error("--gptq: GPTQ does not feed MLX budgets")
     recipe = Recipe(model=ModelSpec(source=args.model),
                     eval=EvalSpec(text=args.text, max_tokens=args.max_tokens),
-                    calibration=CalibrationSpec(samples=64),
-                    variant=variants(budgets, args.gptq, args.format))
+                    calibration=CalibrationSpec(samples=args.samples),
+                    variant=variants(budgets, args.gptq, args.format, split(args.candidates),
+                                     split(args.peers)))
     console = Console(stderr=True)
     run = start_run(recipe, args.out, console)
     build_seconds = {}

@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgellm.archs import attention_shape
 from edgellm.compress.hessians import (
     collect_hessians,
     linear_layers,
@@ -131,11 +132,9 @@ def check_pattern_fits(source: Path, options: Options) -> None:
     if options.nm is None:
         return
     config = json.loads((Path(source) / "config.json").read_text())
-    heads = config.get("num_attention_heads", 1)
     widths = {"hidden_size": config.get("hidden_size"),
               "intermediate_size": config.get("intermediate_size"),
-              "attention output (heads × head_dim)":
-                  heads * (config.get("head_dim") or config.get("hidden_size", 0) // heads)}
+              "attention output (heads × head_dim)": attention_shape(config).width}
     group = options.nm[1]
     for what, width in widths.items():
         if width and width % group:

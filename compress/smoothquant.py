@@ -118,18 +118,17 @@ def migrations_of(model) -> list[Migration]:
 def layer_migrations(layer: torch.nn.Module, config: dict) -> list[Migration]:
     """One decoder layer's migrations (`config`: the model's config.json fields); none for
     a family whose description lists none."""
-    from edgellm.archs import family_of
+    from edgellm.archs import attention_shape, family_of
 
     family = family_of(config)
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    repeat = heads // (config.get("num_key_value_heads") or heads)
+    shape = attention_shape(config)
     migrations = []
     for smooth in family.smooth:
         producer = layer.get_submodule(smooth.producer)
         consumers = [layer.get_submodule(name) for name in smooth.consumers]
         migrations.append(Migration(
-            producer, consumers, repeat if smooth.heads else 1, head_dim if smooth.heads else 0,
+            producer, consumers, shape.per_group if smooth.heads else 1,
+            shape.head_dim if smooth.heads else 0,
             0.0 if isinstance(producer, torch.nn.Linear) else family.norm_offset))
     return migrations
 

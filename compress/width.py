@@ -42,7 +42,7 @@ class Options(BaseModel):
 
 
 def apply(source: Path, dest: Path, options: Options, context) -> None:
-    from edgellm.archs import check_support, family_of
+    from edgellm.archs import attention_shape, check_support, family_of
     from edgellm.compress.calibration import calibration_ids
     from edgellm.compress.layerwise import copy_side_files
     from edgellm.models import load_folder_model
@@ -51,16 +51,15 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
     family = family_of(config, str(source))
     check_support(family, "width pruning (separate q/k/v and gate/up projections)", family.width)
     ffn_keep = kept_ffn(config["intermediate_size"], options.ffn)
-    groups = config.get("num_key_value_heads") or config["num_attention_heads"]
+    shape = attention_shape(config)
+    groups = shape.kv_heads
     groups_keep = kept_groups(groups, options.heads)
     cal = context.calibration
     ids = calibration_ids(source, cal.text, options.samples or cal.samples, cal.seqlen)
     model = load_folder_model(source)
     norms = input_norms(model, ids)
     state = model.state_dict()
-    head_dim = getattr(model.config, "head_dim", None) or \
-        model.config.hidden_size // model.config.num_attention_heads
-    per_group = model.config.num_attention_heads // groups
+    head_dim, per_group = shape.head_dim, shape.per_group
     for index, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{index}."
         ffn_channels = top(ffn_scores(layer, norms[index]["down"]), ffn_keep)

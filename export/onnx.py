@@ -16,6 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from edgellm.archs import attention_shape
 from edgellm.artifacts import atomic_path
 from edgellm.children import run_logged
 from edgellm.errors import UserError
@@ -69,10 +70,9 @@ def check_rotary(config: dict, model: str = "model") -> None:
     only when that is a multiple of 8 ("cos_cache dimension 1 must be <= head_size / 2 and
     a multiple of 8"): the export succeeds, every run fails. Real models fit (Phi-4-mini:
     0.75 × 128 = 96); a partial rotary of another size is refused here, in one line."""
-    heads = config.get("num_attention_heads")
-    if not heads or not config.get("hidden_size"):
+    if not config.get("num_attention_heads") or not config.get("hidden_size"):
         return
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    head_dim = attention_shape(config).head_dim
     rope = config.get("rope_parameters") or {}
     factor = config.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
     rotary = int(head_dim * factor)

@@ -56,6 +56,33 @@ class Family:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class AttentionShape:
+    """A config's attention heads: query heads, KV heads (groups) and each head's width."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def per_group(self) -> int:
+        """Query heads sharing one KV head."""
+        return self.heads // self.kv_heads
+
+    @property
+    def width(self) -> int:
+        """o_proj's inputs: heads × head_dim (not always hidden_size: Qwen3, Gemma 3)."""
+        return self.heads * self.head_dim
+
+
+def attention_shape(config: dict) -> AttentionShape:
+    """The attention shape of a config.json's fields (head_dim explicit or hidden/heads,
+    KV heads defaulting to the query heads)."""
+    heads = config["num_attention_heads"]
+    return AttentionShape(heads, config.get("num_key_value_heads") or heads,
+                          config.get("head_dim") or config["hidden_size"] // heads)
+
+
 LLAMA_SMOOTH = (
     Smooth("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     Smooth("self_attn.v_proj", ("self_attn.o_proj",), heads=True),
