@@ -51,9 +51,6 @@ class Options(BaseModel):
     # by default on in the native solver: on SmolLM2 it lowered KL and perplexity on Q4_0
     # and Q5_0, on wikitext and on Hamlet (README, GPTQ)
     awq: bool | None = None
-    # solve towards the float model's outputs on the quantized model's inputs (GPTAQ-style,
-    # compress/float_targets.py): a second, float stream of calibration activations
-    float_targets: bool = False
     damp: float = Field(0.01, gt=0, lt=1)
     block: int = Field(128, ge=32)
     samples: int | None = Field(None, gt=0)  # calibration windows; default [calibration].samples
@@ -108,8 +105,6 @@ def identity(options: Options, context) -> dict:
         chosen["awq"] = True
     else:  # keeps the keys of steps cached before the option existed
         del chosen["awq"]
-    if not options.float_targets:  # likewise
-        del chosen["float_targets"]
     if budget_of(context) is not None:  # the plan follows from the input, budget and calibration
         check_budget_options(options)
         del chosen["backend"]
@@ -148,22 +143,17 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
 
     config = json.loads((Path(source) / "config.json").read_text())
     alphas: list[float] = []
-    moves: list[float] = []
 
     def process(index: int, layer: torch.nn.Module, inputs) -> dict[str, torch.Tensor]:
         return quantize_layer(layer, inputs, grid_for, options, f"model.layers.{index}",
-                              config, alphas, moves)
+                              config, alphas)
 
-    def head(model, inputs, tensors) -> dict[str, torch.Tensor | None]:
-        return solve_head(model, inputs, tensors, grids, options)
+    def head(model, hidden: torch.Tensor, tensors) -> dict[str, torch.Tensor | None]:
+        return solve_head(model, hidden, tensors, grids, options)
 
     with Progress(console=context.console, transient=True) as progress:
         progress.console.print(f"gptq: {label} on {len(ids)}×{ids.shape[1]} calibration tokens")
-        stream_layers(source, dest, ids, process, progress, head=head if plan else None,
-                      float_stream=options.float_targets)
-        if moves:
-            progress.console.print(f"gptq: float targets moved the weights by "
-                                   f"{100 * sum(moves) / len(moves):.2f}% (mean relative change)")
+        stream_layers(source, dest, ids, process, progress, head=head if plan else None)
         if awq_for(options):
             moved = [a for a in alphas if a]
             progress.console.print(f"gptq: awq scaled {len(moved)} of {len(alphas)} places"
@@ -175,14 +165,11 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
 
 
 def quantize_layer(layer: torch.nn.Module, inputs, grid_for, options: Options, prefix: str,
-                   config: dict | None = None, alphas: list | None = None,
-                   moves: list | None = None) -> dict[str, torch.Tensor]:
+                   config: dict | None = None, alphas: list | None = None) -> dict[str, torch.Tensor]:
     """GPTQ every linear of one decoder layer in place onto `grid_for(module name)` (None:
     left in float); return the layer's tensors to store (checkpoint parts for the solved
-    linears, the rest as they are). With float targets, the weights first move to the
-    least-squares fit of the float stream's outputs (their relative change to `moves`);
-    with AWQ (`awq_for`), the layer's activation-aware scales (`config`: the model's
-    config.json) are folded in next; their α go to `alphas`."""
+    linears, the rest as they are). With AWQ (`awq_for`), the layer's activation-aware scales
+    (`config`: the model's config.json) are folded in first; their α go to `alphas`."""
     linears = linear_layers(layer)
     grids = {name: grid_for(f"{prefix}.{name}") for name in linears}
     for name, module in linears.items():
@@ -190,8 +177,6 @@ def quantize_layer(layer: torch.nn.Module, inputs, grid_for, options: Options, p
             raise UserError(f"GPTQ group size {grids[name].group} does not divide {prefix}.{name}'s "
                             f"{module.in_features} inputs: choose a group size that does")
     hessians = collect_hessians(layer, inputs)
-    if options.float_targets:
-        retarget_layer(linears, grids, hessians, moves)
     if awq_for(options):
         from edgellm.compress.awq import scale_layer
 
@@ -212,18 +197,6 @@ def quantize_layer(layer: torch.nn.Module, inputs, grid_for, options: Options, p
         if module not in solved or part == "bias":  # biases stay float beside the integers
             stored[name] = tensor
     return stored
-
-
-def retarget_layer(linears: dict, grids: dict, hessians: dict, moves: list | None) -> None:
-    """Float targets for the linears to be solved, one correction per shared input."""
-    from edgellm.compress.float_targets import retarget
-
-    for sharing in sharing_groups(hessians):
-        solved = [name for name in sharing if grids[name] is not None]
-        if solved:
-            move = retarget(linears, solved, hessians[solved[0]])
-            if moves is not None:
-                moves.append(move)
 
 
 def solve_group(linears: dict, names: list[str], hessian: torch.Tensor, grid: Grid,
@@ -253,43 +226,32 @@ def head_module(config) -> str:
 
 
 @torch.no_grad()
-def solve_head(model, inputs, tensors: dict[str, torch.Tensor], grids: dict[str, Grid | None],
-               options: Options) -> dict[str, torch.Tensor | None]:
+def solve_head(model, hidden: torch.Tensor, tensors: dict[str, torch.Tensor],
+               grids: dict[str, Grid | None], options: Options) -> dict[str, torch.Tensor | None]:
     """GPTQ the logits' matrix onto the grid a size budget gave it, as a linear on the
-    final norm's outputs of the last layer's (`inputs.hidden`; with float targets, towards
-    the float stream's logits). A tied embedding keeps its float weight (the solved values,
-    which the lookup reads) beside the integers; an untied lm_head is stored as integers only.
-    `tensors`: the source's tensors outside the decoder layers."""
-    from edgellm.compress.float_targets import TargetedHessian, retarget
+    final norm's outputs (`tensors`: the source's tensors outside the decoder layers, read
+    once by stream_layers). A tied embedding keeps its float weight (the solved values,
+    which the lookup reads) beside the integers; an untied lm_head is stored as integers only."""
     from edgellm.compress.solver import Hessian
 
     name = head_module(model.config)
     grid = grids.get(name)
     if grid is None or f"{name}.weight" not in tensors:
         return {}
-    weight = tensors[f"{name}.weight"].float().clone()  # retarget moves it in place
+    weight = tensors[f"{name}.weight"].float()
     if weight.shape[1] % grid.group or weight.shape[0] % (32 // grid.storage_bits):
         return {}  # no checkpoint layout for it: left to the exporter's rounding
     norm = model.model.norm
     norm.load_state_dict({k: tensors[f"model.norm.{k}"] for k in norm.state_dict()},
                          strict=True, assign=True)
-    tied = name == "model.embed_tokens"
-    # float targets move an untied lm_head only: a tied matrix is also the lookup table
-    # the calibration streams started from
-    hidden, floats = inputs.hidden, None if tied else inputs.float_hidden
-    hessian = (TargetedHessian if floats is not None else Hessian)(hidden.shape[-1])
-    for start in range(0, len(hidden), 8):
-        normed = model.model.norm(hidden[start:start + 8])
-        if floats is None:
-            hessian.add(normed)
-        else:
-            hessian.add_pair(normed, model.model.norm(floats[start:start + 8]))
-    model.model.norm.to("meta")
+    hessian = Hessian(hidden.shape[-1])
+    for chunk in hidden.split(8):
+        hessian.add(norm(chunk))
+    norm.to("meta")
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-    if floats is not None:
-        retarget({name: linear}, [name], hessian)
     stored = solve_group({name: linear}, [name], hessian.matrix(), grid, options)
+    tied = name == "model.embed_tokens"
     stored[f"{name}.weight"] = linear.weight.data if tied else None
     return stored
 

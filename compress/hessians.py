@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from edgellm.compress.float_targets import TargetedHessian
 from edgellm.compress.solver import DiagonalHessian, Hessian
 
 
@@ -32,8 +31,7 @@ def collect_hessians(layer: torch.nn.Module, inputs, only: list[str] | None = No
     Either way a pass stops once every measured linear has its input (down_proj's own
     product, a quarter of the layer's work, would be thrown away). `diagonal`: only each
     Hessian's diagonal is accumulated (Wanda)."""
-    paired = bool(getattr(inputs, "float_inputs", None))  # the float stream's inputs too
-    kind = DiagonalHessian if diagonal else TargetedHessian if paired else Hessian
+    kind = DiagonalHessian if diagonal else Hessian
     linears = {n: m for n, m in linear_layers(layer).items() if only is None or n in only}
     hessians: dict[str, Hessian] = {}
     # id of an input tensor within one forward call → (the tensor, kept alive so its id is
@@ -52,10 +50,7 @@ def collect_hessians(layer: torch.nn.Module, inputs, only: list[str] | None = No
                 raise _Enough
             if id(x) not in seen:
                 seen[id(x)] = (x, hessians.get(name) or kind(x.shape[-1]))
-                if paired:
-                    seen[id(x)][1].add_pair(x, inputs.float_inputs[name][inputs.chunk])
-                else:
-                    seen[id(x)][1].add(x)
+                seen[id(x)][1].add(x)
             hessians[name] = seen[id(x)][1]
             measured.add(name)
             if len(measured) == len(linears):

@@ -99,19 +99,11 @@ class LayerInputs:
     `contexts[i]` holds what decoder layer i is called with besides its hidden states (its
     mask and rotary embeddings: Gemma 3's local and global layers differ)."""
 
-    def __init__(self, hidden: torch.Tensor, contexts: list[dict], batch: int,
-                 float_stream: bool = False):
+    def __init__(self, hidden: torch.Tensor, contexts: list[dict], batch: int):
         self.hidden = hidden  # [samples, seqlen, width]
         self.contexts = contexts
         self.index = 0  # the layer being processed
         self.batch = batch
-        self.chunk = 0  # the batch a forward pass is running
-        # the float model's hidden states entering the layer (a second stream, run through
-        # the layers before the method changes them), and per linear its inputs from that
-        # stream, one tensor per batch: what compress/float_targets.py fits towards
-        self.float_hidden = hidden.clone() if float_stream else None
-        self.float_inputs: dict[str, list[torch.Tensor]] = {}
-        self._float_next: torch.Tensor | None = None
         # the previous layer's inputs, reused for the next outputs: two buffers for the
         # whole run instead of a fresh one per layer (which the allocator did not give back)
         self.spare: torch.Tensor | None = None
@@ -133,33 +125,8 @@ class LayerInputs:
         """Run the layer over every sample for its hooks' sake, outputs discarded; a hook
         may raise `stop` to end a sample's forward pass early."""
         for start in range(0, len(self.hidden), self.batch):
-            self.chunk = start // self.batch
             with contextlib.suppress(*stop):
                 self._run(layer, self.hidden[start:start + self.batch])
-
-    @torch.no_grad()
-    def record_float(self, layer: torch.nn.Module) -> None:
-        """Run the float stream through the layer as it is now (the float model's weights):
-        keep each linear's inputs and the outputs, which `advance_float` makes current."""
-        recorded: dict[str, list[torch.Tensor]] = {}
-
-        def hook_for(name):
-            return lambda _module, args: recorded.setdefault(name, []).append(args[0])
-
-        handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layer.named_modules()
-                   if isinstance(m, torch.nn.Linear)]
-        outputs = torch.empty_like(self.float_hidden)
-        try:
-            for start in range(0, len(self.float_hidden), self.batch):
-                out = self._run(layer, self.float_hidden[start:start + self.batch])
-                outputs[start:start + self.batch] = out[0] if isinstance(out, tuple) else out
-        finally:
-            for handle in handles:
-                handle.remove()
-        self.float_inputs, self._float_next = recorded, outputs
-
-    def advance_float(self) -> None:
-        self.float_hidden, self._float_next, self.float_inputs = self._float_next, None, {}
 
 
 def layer_contexts(model, sample: torch.Tensor) -> list[dict]:
@@ -203,23 +170,21 @@ def return_freed_memory() -> None:
 
 
 ProcessLayer = Callable[[int, torch.nn.Module, LayerInputs], dict[str, torch.Tensor] | None]
-# (model skeleton, the last layer's outputs in `inputs.hidden` (and `inputs.float_hidden`),
-# the source's tensors outside the decoder layers, read once: the embedding, lm_head, norm)
-# → tensors to store in their place or, as None, to leave out
-ProcessHead = Callable[[torch.nn.Module, "LayerInputs", dict[str, torch.Tensor]],
+# (model skeleton, the last layer's outputs, the source's tensors outside the decoder
+# layers, read once: the embedding, lm_head, norm) → tensors to store in their place or,
+# as None, to leave out
+ProcessHead = Callable[[torch.nn.Module, torch.Tensor, dict[str, torch.Tensor]],
                        dict[str, torch.Tensor | None]]
 
 
 @torch.no_grad()
 def stream_layers(model_dir: Path, dest: Path, ids: torch.Tensor, process: ProcessLayer,
-                  progress=None, batch: int = 8, head: ProcessHead | None = None,
-                  float_stream: bool = False) -> None:
+                  progress=None, batch: int = 8, head: ProcessHead | None = None) -> None:
     """Run `process(index, layer, inputs)` on each decoder layer in order and save the
     result into `dest` as an HF folder. `process` changes the layer in place (and returns
     None) or returns the tensors to store for it (names relative to the layer). The next
     layer's inputs are this layer's outputs after `process`; `head`, when given, gets the
-    last layer's outputs and says what to store of the tensors outside the layers. With
-    `float_stream`, `inputs` also carries the float model's stream (`record_float`)."""
+    last layer's outputs and says what to store of the tensors outside the layers."""
     model_dir, dest = Path(model_dir), Path(dest)
     store = TensorStore(model_dir)
     model = load_skeleton(model_dir)
@@ -229,19 +194,15 @@ def stream_layers(model_dir: Path, dest: Path, ids: torch.Tensor, process: Proce
     materialize(inner.embed_tokens, store, "model.embed_tokens.")
     hidden = inner.embed_tokens(ids).float()
     inner.embed_tokens.to("meta")  # the table is read again from the store when saved
-    inputs = LayerInputs(hidden, layer_contexts(model, hidden[:1]), batch, float_stream)
+    inputs = LayerInputs(hidden, layer_contexts(model, hidden[:1]), batch)
     task = progress.add_task("layers", total=len(layers)) if progress else None
     for index, layer in enumerate(layers):
         prefix = f"model.layers.{index}."
         materialize(layer, store, prefix)
         inputs.index = index
-        if float_stream:
-            inputs.record_float(layer)
         stored = process(index, layer, inputs)
         if index + 1 < len(layers) or head is not None:  # the last one's feed only a head
             inputs.advance(layer)
-        if float_stream:
-            inputs.advance_float()
         tensors = stored if stored is not None else layer.state_dict()
         writer.write({prefix + name: tensor for name, tensor in tensors.items()})
         layer.to("meta")  # free this layer's weights before the next one loads
@@ -251,7 +212,7 @@ def stream_layers(model_dir: Path, dest: Path, ids: torch.Tensor, process: Proce
     layer_names = {n for n in store.names() if n.startswith("model.layers.")}
     rest = {name: store.get(name) for name in store.names() if name not in layer_names}
     if head is not None:
-        rest.update(head(model, inputs, rest))
+        rest.update(head(model, inputs.hidden, rest))
     writer.write({name: tensor for name, tensor in rest.items() if tensor is not None})
     writer.close()
     copy_side_files(model_dir, dest)
