@@ -19,7 +19,12 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgellm.compress.hessians import collect_hessians, linear_layers, sharing_groups
+from edgellm.compress.hessians import (
+    collect_hessians,
+    linear_layers,
+    sequential_groups,
+    sharing_groups,
+)
 from edgellm.compress.solver import gptq_quantize
 from edgellm.errors import UserError
 from edgellm.gptq_checkpoint import PackedLinear, dynamic_overrides, to_checkpoint
@@ -54,6 +59,11 @@ class Options(BaseModel):
     damp: float = Field(0.01, gt=0, lt=1)
     block: int = Field(128, ge=32)
     samples: int | None = Field(None, gt=0)  # calibration windows; default [calibration].samples
+    # each sharing group's Hessian measured after the groups before it were solved (o_proj
+    # on what the solved q/k/v attend, ...), as GPTQ's reference code does. Off by default:
+    # on SmolLM2 it helped the MLX 4.5 bpw budget (+12.29% → +11.83%) and not the GGUF
+    # ≤ 91.7 MB one (+2.97% → +3.62%, KL 0.044 → 0.046; README, GPTQ)
+    true_sequential: bool = False
     backend: Literal["native", "gptqmodel"] = "native"  # gptqmodel: CUDA only (gptqmodel_backend.py)
 
 
@@ -169,14 +179,17 @@ def quantize_layer(layer: torch.nn.Module, inputs, grid_for, options: Options, p
     """GPTQ every linear of one decoder layer in place onto `grid_for(module name)` (None:
     left in float); return the layer's tensors to store (checkpoint parts for the solved
     linears, the rest as they are). With AWQ (`awq_for`), the layer's activation-aware scales
-    (`config`: the model's config.json) are folded in first; their α go to `alphas`."""
+    (`config`: the model's config.json) are folded in first; their α go to `alphas`. With
+    `true_sequential`, each group of linears sharing an input is solved on the Hessian
+    measured after the groups before it were solved."""
     linears = linear_layers(layer)
     grids = {name: grid_for(f"{prefix}.{name}") for name in linears}
     for name, module in linears.items():
         if grids[name] is not None and module.in_features % grids[name].group:
             raise UserError(f"GPTQ group size {grids[name].group} does not divide {prefix}.{name}'s "
                             f"{module.in_features} inputs: choose a group size that does")
-    hessians = collect_hessians(layer, inputs)
+    one_pass = awq_for(options) or not options.true_sequential  # AWQ searches on all of them
+    hessians = collect_hessians(layer, inputs) if one_pass else {}
     if awq_for(options):
         from edgellm.compress.awq import scale_layer
 
@@ -184,13 +197,17 @@ def quantize_layer(layer: torch.nn.Module, inputs, grid_for, options: Options, p
         if alphas is not None:
             alphas.extend(chosen)
     stored, solved = {}, set()
-    for sharing in sharing_groups(hessians):
+    if options.true_sequential:  # each group measured once the groups before it are solved
+        sequence = sequential_groups(layer, inputs)
+    else:
+        sequence = ((names, hessians[names[0]]) for names in sharing_groups(hessians))
+    for sharing, hessian in sequence:
         by_grid: dict[Grid, list[str]] = {}
         for name in sharing:
             if grids[name] is not None:
                 by_grid.setdefault(grids[name], []).append(name)
         for grid, names in by_grid.items():
-            stored.update(solve_group(linears, names, hessians[names[0]].matrix(), grid, options))
+            stored.update(solve_group(linears, names, hessian.matrix(), grid, options))
             solved.update(names)
     for name, tensor in layer.state_dict().items():
         module, _, part = name.rpartition(".")
@@ -276,7 +293,7 @@ def write_quant_config(dest: Path, grid: Grid, options: Options) -> None:
         "quant_method": "gptq", "checkpoint_format": "gptq", "bits": grid.storage_bits,
         "group_size": grid.group, "sym": grid.symmetric and grid.bits == grid.storage_bits,
         "desc_act": False,
-        "static_groups": options.act_order, "true_sequential": False,
+        "static_groups": options.act_order, "true_sequential": options.true_sequential,
         "damp_percent": options.damp, "edgellm_grid": grid.label,
     }
     path.write_text(json.dumps(config, indent=2) + "\n")
@@ -303,7 +320,7 @@ def write_mixed_config(dest: Path, grids: dict[str, Grid | None], record: dict,
     config["quantization_config"] = {
         "quant_method": "gptq", "checkpoint_format": "gptq", "bits": base[0],
         "group_size": base[1], "sym": base[2], "desc_act": False,
-        "static_groups": options.act_order, "true_sequential": False,
+        "static_groups": options.act_order, "true_sequential": options.true_sequential,
         "damp_percent": options.damp, "edgellm_grid": "mixed",
         "dynamic": dynamic_overrides({m: g and settings(g) for m, g in grids.items()}, base),
         "edgellm_grids": {m: g and g.label for m, g in sorted(grids.items())},

@@ -42,7 +42,8 @@ def quantize_config_kwargs(grid: Grid, options) -> dict:
                         f"8-bit integers with a zero point per group); {NATIVE_HINT}")
     return {"bits": grid.bits, "group_size": grid.group, "sym": grid.symmetric,
             "desc_act": False, "static_groups": options.act_order,
-            "damp_percent": options.damp, "format": "gptq"}
+            "damp_percent": options.damp, "true_sequential": options.true_sequential,
+            "format": "gptq"}
 
 
 def calibration_rows(ids: torch.Tensor) -> list[dict[str, list[int]]]:

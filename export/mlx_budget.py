@@ -72,8 +72,11 @@ def computed(tensors: dict[str, np.ndarray], bits: int, group: int) -> np.ndarra
     return np.array(values.astype(mx.float32))
 
 
-def damage_table(weights, fisher, candidates) -> dict[str, dict[str, tuple[int, float]]]:
-    """{HF parameter: {candidate: (bytes, predicted KL)}} of every matrix."""
+def damage_table(weights, fisher, candidates, attenuation=None
+                 ) -> dict[str, dict[str, tuple[int, float]]]:
+    """{HF parameter: {candidate: (bytes, predicted KL)}} of every matrix; with
+    `attenuation` (export/gptq_pricing.py), the damage GPTQ would leave of the rounding's."""
+    attenuation = attenuation or {}
     table = {}
     for name, weight in weights.items():
         table[name] = {}
@@ -84,7 +87,8 @@ def damage_table(weights, fisher, candidates) -> dict[str, dict[str, tuple[int, 
             tensors = searched(weight, bits, group, fisher[name])
             error = ((computed(tensors, bits, group) - weight) ** 2).sum(axis=0)
             nbytes = sum(t.nbytes for t in tensors.values())
-            table[name][candidate] = (nbytes, 0.5 * float((fisher[name] * error).sum()))
+            priced = fisher[name] * attenuation.get(name, 1.0)
+            table[name][candidate] = (nbytes, 0.5 * float((priced * error).sum()))
     return table
 
 
@@ -107,21 +111,24 @@ def fixed_bytes(model_dir: Path, weights: dict[str, np.ndarray], work: Path) -> 
     return total - sum(2 * w.size for w in weights.values()) + TENSOR_BYTES * len(weights)
 
 
-def budget_plan(model_dir: Path, spec, work: Path, calibration) -> dict:
+def budget_plan(model_dir: Path, spec, work: Path, calibration, gptq: bool = False) -> dict:
     """The plan for spec.max_size_mb: Fisher pass, damage of every candidate per matrix,
-    the allocation (a candidate per HF parameter, predicted bytes and KL)."""
+    the allocation (a candidate per HF parameter, predicted bytes and KL). `gptq`: GPTQ
+    solves the matrices after the plan, which prices what it would leave (gptq_pricing)."""
     from edgellm.artifacts import sha256_files, sha256_json
     from edgellm.export.allocation import cached_table
     from edgellm.export.fisher import fisher_by_parameter, float_matrices
+    from edgellm.export.gptq_pricing import gptq_attenuation
 
     fisher = fisher_by_parameter(model_dir, calibration, work)
+    attenuation = gptq_attenuation(model_dir, calibration, work) if gptq else {}
     key = sha256_json([sha256_files(sorted(Path(model_dir).glob("*.safetensors"))),
                        {k: float(v.sum()) for k, v in fisher.items()}, list(spec.candidates),
-                       "searched"])
+                       "searched", {k: float(v.sum()) for k, v in attenuation.items()}])
 
     def price() -> dict:
         weights = {n: w for n, w in float_matrices(model_dir).items() if n in fisher}
-        table = damage_table(weights, fisher, tuple(spec.candidates))
+        table = damage_table(weights, fisher, tuple(spec.candidates), attenuation)
         priced = {n: w for n, w in weights.items() if table[n]}  # the rest stays float16
         return {"table": table, "fixed": fixed_bytes(model_dir, priced, work)}
 
@@ -129,7 +136,8 @@ def budget_plan(model_dir: Path, spec, work: Path, calibration) -> dict:
     types, size, damage = allocate(priced["table"], priced["fixed"],
                                    int(spec.max_size_mb * 1e6), align=1, what="MLX folder")
     return {"max_size_mb": spec.max_size_mb, "candidates": list(spec.candidates),
-            "predicted_bytes": size, "predicted_kl": damage, "tensor_types": types}
+            "predicted_bytes": size, "predicted_kl": damage, "tensor_types": types,
+            "priced_for": "gptq" if gptq else "rounding"}
 
 
 def plan_modules(record: dict) -> dict[str, str]:

@@ -112,8 +112,11 @@ def fit_blocks(weight: np.ndarray, grid: NBits, fisher: np.ndarray) -> Blocks:
                   grid.bits, grid.group)
 
 
-def damage_table(weights, fisher, nodes, candidates, spec) -> dict[str, dict[str, tuple[int, float]]]:
-    """{HF parameter: {candidate: (bytes, predicted KL)}} for every matrix the graph holds."""
+def damage_table(weights, fisher, nodes, candidates, spec, attenuation=None
+                 ) -> dict[str, dict[str, tuple[int, float]]]:
+    """{HF parameter: {candidate: (bytes, predicted KL)}} for every matrix the graph holds;
+    with `attenuation` (export/gptq_pricing.py), the damage GPTQ would leave of the rounding's."""
+    attenuation = attenuation or {}
     table = {}
     for name in nodes:
         table[name] = {}
@@ -123,7 +126,8 @@ def damage_table(weights, fisher, nodes, candidates, spec) -> dict[str, dict[str
                 continue
             blocks = fit_blocks(weights[name], grid, fisher[name])
             error = ((blocks.dequantize() - weights[name]) ** 2).sum(axis=0)
-            table[name][candidate] = (blocks.nbytes(), 0.5 * float((fisher[name] * error).sum()))
+            priced = fisher[name] * attenuation.get(name, 1.0)
+            table[name][candidate] = (blocks.nbytes(), 0.5 * float((priced * error).sum()))
     return table
 
 
@@ -140,7 +144,7 @@ def fixed_bytes(graph_dir: Path, graph, nodes) -> int:
     return total - matrices + NODE_BYTES * sum(len(found) for found in nodes.values())
 
 
-def price_graph(model_dir: Path, graph_dir: Path, fisher, spec) -> dict:
+def price_graph(model_dir: Path, graph_dir: Path, fisher, spec, attenuation=None) -> dict:
     """{"table": damage of every candidate per matrix, "fixed": the other bytes}."""
     import onnx
 
@@ -149,29 +153,35 @@ def price_graph(model_dir: Path, graph_dir: Path, fisher, spec) -> dict:
     graph = onnx.load(graph_dir / "model.onnx").graph
     weights = float_matrices(model_dir)
     nodes = matrix_nodes(graph, weights)
-    table = damage_table(weights, fisher, nodes, tuple(spec.candidates), spec)
+    table = damage_table(weights, fisher, nodes, tuple(spec.candidates), spec, attenuation)
     priced = {name: found for name, found in nodes.items() if table[name]}
     return {"table": table, "fixed": fixed_bytes(graph_dir, graph, priced)}
 
 
-def budget_plan(model_dir: Path, spec, work: Path, calibration) -> dict:
+def budget_plan(model_dir: Path, spec, work: Path, calibration, gptq: bool = False) -> dict:
     """The plan for spec.max_size_mb: Fisher pass, damage of every candidate per matrix,
-    the allocation (a candidate per HF parameter, predicted bytes and KL)."""
+    the allocation (a candidate per HF parameter, predicted bytes and KL). `gptq`: GPTQ
+    solves the matrices after the plan, which prices what it would leave (gptq_pricing)."""
     from edgellm.artifacts import sha256_json
     from edgellm.export.allocation import cached_table
     from edgellm.export.fisher import fisher_by_parameter
+    from edgellm.export.gptq_pricing import gptq_attenuation
 
     fisher = fisher_by_parameter(model_dir, calibration, work)
+    attenuation = gptq_attenuation(model_dir, calibration, work) if gptq else {}
     graph_dir = float_graph(model_dir, work, spec)
     key = sha256_json([graph_dir.name, {k: float(v.sum()) for k, v in fisher.items()},
-                       list(spec.candidates), spec.block_size, spec.symmetric, "priced-only"])[:16]
+                       list(spec.candidates), spec.block_size, spec.symmetric, "priced-only",
+                       *([{k: float(v.sum()) for k, v in attenuation.items()}]
+                         if attenuation else [])])[:16]
     priced = cached_table(work / f"onnx-damage-{key}.json",
-                          lambda: price_graph(model_dir, graph_dir, fisher, spec))
+                          lambda: price_graph(model_dir, graph_dir, fisher, spec, attenuation))
     types, size, damage = allocate(priced["table"], priced["fixed"],
                                    int(spec.max_size_mb * 1e6), align=1, what="ONNX file")
     return {"max_size_mb": spec.max_size_mb, "candidates": list(spec.candidates),
             "predicted_bytes": size, "predicted_kl": damage, "tensor_types": types,
-            "grids": {n: candidate_grid(c, spec).label for n, c in types.items()}}
+            "grids": {n: candidate_grid(c, spec).label for n, c in types.items()},
+            "priced_for": "gptq" if gptq else "rounding"}
 
 
 def plan_modules(record: dict) -> dict[str, str]:

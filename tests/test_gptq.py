@@ -352,3 +352,35 @@ def test_the_scale_refit_is_on_by_default_for_4_bit_grids_only():
     assert refit_for(Options(), Q4_0) and refit_for(Options(), NBits(4, 32, False))
     assert not refit_for(Options(), Q5_0()) and not refit_for(Options(), Q8_0())
     assert refit_for(Options(refit=True), Q5_0()) and not refit_for(Options(refit=False), Q4_0)
+
+
+def test_true_sequential_solves_each_group_on_the_solved_groups_outputs(tiny_llama, tmp_path):
+    """With true_sequential, q/k/v are solved as in one pass (the same Hessian: nothing
+    before them changed) but o_proj onto what the solved q/k/v attend, so its integers
+    differ; without it every group uses the Hessians of one pass."""
+    from conftest import shared_text
+
+    from edgellm.compress.calibration import calibration_ids
+    from edgellm.compress.gptq import Options, quantize_layer
+    from edgellm.compress.layerwise import stream_layers
+
+    solved = {}
+
+    def process_for(options):
+        def process(index, layer, inputs):
+            before = {k: v.clone() for k, v in layer.state_dict().items()}
+            for sequential in (False, True):
+                layer.load_state_dict(before)
+                stored = quantize_layer(layer, inputs, lambda _name: NBits(4, 32, False),
+                                        options.model_copy(update={"true_sequential": sequential}),
+                                        f"model.layers.{index}")
+                solved[(index, sequential)] = {k: v.clone() for k, v in stored.items()}
+            return solved[(index, False)]
+        return process
+
+    ids = calibration_ids(tiny_llama, str(shared_text("wikitext-2-valid.txt")), 2, 32)
+    (tmp_path / "out").mkdir()
+    stream_layers(tiny_llama, tmp_path / "out", ids, process_for(Options(awq=False)))
+    one_pass, sequential = solved[(0, False)], solved[(0, True)]
+    assert torch.equal(one_pass["self_attn.q_proj.qweight"], sequential["self_attn.q_proj.qweight"])
+    assert not torch.equal(one_pass["self_attn.o_proj.qweight"], sequential["self_attn.o_proj.qweight"])

@@ -15,7 +15,7 @@ from edgellm.compress import gptqmodel_backend
 from edgellm.errors import UserError
 from edgellm.grids import NBits, gguf_grid
 
-OPTIONS = SimpleNamespace(act_order=True, damp=0.01)
+OPTIONS = SimpleNamespace(act_order=True, damp=0.01, true_sequential=False)
 
 
 def test_without_gptqmodel_or_cuda_the_backend_is_one_line_exit_2(tiny_llama, tmp_path):
@@ -43,7 +43,8 @@ export = { format = "gguf", weights = "q5_0" }
 def test_quantize_config_asks_for_the_exports_grid_with_contiguous_groups():
     q4_0 = gptqmodel_backend.quantize_config_kwargs(gguf_grid("q4_0"), OPTIONS)
     assert q4_0 == {"bits": 4, "group_size": 32, "sym": True, "desc_act": False,
-                    "static_groups": True, "damp_percent": 0.01, "format": "gptq"}
+                    "static_groups": True, "damp_percent": 0.01, "true_sequential": False,
+                    "format": "gptq"}
     int8 = gptqmodel_backend.quantize_config_kwargs(NBits(8, 128, False), OPTIONS)
     assert (int8["bits"], int8["group_size"], int8["sym"]) == (8, 128, False)
     with pytest.raises(UserError, match="q8_0"):

@@ -73,7 +73,7 @@ class MlxFormat(Format):
             return None
         from edgellm.export.mlx_budget import budget_plan, plan_modules
 
-        record = budget_plan(model_dir, spec, work, calibration)
+        record = budget_plan(model_dir, spec, work, calibration, gptq=True)
         return {"modules": plan_modules(record), "record": record}
 
     def export(self, model_dir: Path, staging: Path, spec, name: str, work: Path,

@@ -72,7 +72,7 @@ class OnnxFormat(Format):
             return None
         from edgellm.export.onnx_budget import budget_plan, plan_modules
 
-        record = budget_plan(model_dir, spec, work, calibration)
+        record = budget_plan(model_dir, spec, work, calibration, gptq=True)
         return {"modules": plan_modules(record), "record": record}
 
     def opens_path(self, path: Path) -> Path | None:
