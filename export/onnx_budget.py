@@ -172,8 +172,7 @@ def budget_plan(model_dir: Path, spec, work: Path, calibration, gptq: bool = Fal
     graph_dir = float_graph(model_dir, work, spec)
     key = sha256_json([graph_dir.name, {k: float(v.sum()) for k, v in fisher.items()},
                        list(spec.candidates), spec.block_size, spec.symmetric, "priced-only",
-                       *([{k: float(v.sum()) for k, v in attenuation.items()}]
-                         if attenuation else [])])[:16]
+                       {k: float(v.sum()) for k, v in attenuation.items()}])[:16]
     priced = cached_table(work / f"onnx-damage-{key}.json",
                           lambda: price_graph(model_dir, graph_dir, fisher, spec, attenuation))
     types, size, damage = allocate(priced["table"], priced["fixed"],
