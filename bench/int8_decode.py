@@ -1,7 +1,8 @@
 """Benchmark: what the torch int8 folder's decode path computes, token by token, against
 fp32 torch: KL divergence and perplexity of weight-only INT8 (the scored windows' path),
-the default decode step (fbgemm's INT8 kernel, the token's 8 largest channels in float),
-and the kernel on every channel.
+the default decode step (fbgemm's INT8 kernel, the outlier channels in float: the
+calibration's 16 largest where the CPU sums 8-bit products exactly, else the token's 8
+largest), the outliers chosen per token, and the kernel on every channel.
 
     python bench/int8_decode.py [--model smollm2-135m] [--tokens 1024] [--out bench-int8]
 
@@ -57,9 +58,14 @@ def main() -> None:
     int8 = load_folder_model(args.out / "torch-int8", runtime_quantization=True)
     paths = {"weight-only (windows)": (int8, False), "decode, outlier split (default)": (int8, True)}
     rows = {name: log_probs(model, ids, one) for name, (model, one) in paths.items()}
-    for module in int8.modules():  # every channel through the kernel
-        if isinstance(module, torch_int8.Int8Linear):
-            module.outlier_channels = 0
+    linears = [m for m in int8.modules() if isinstance(m, torch_int8.Int8Linear)]
+    kernels = {id(k): k for m in linears for k in [m.shared.kernel if m.shared else m.kernel] if k}
+    if any(k.fixed is not None for k in kernels.values()):
+        for kernel in kernels.values():  # what CPUs without exact 8-bit products choose
+            kernel.fixed = None
+        rows["decode, outliers chosen per token"] = log_probs(int8, ids, one_by_one=True)
+    for module in linears:  # every channel through the kernel
+        module.split_outliers = False
     rows["decode, kernel on every channel"] = log_probs(int8, ids, one_by_one=True)
     targets = ids[0, 1:, None]
 

@@ -5,7 +5,8 @@ measures: a ctx-long prompt, then one token per step with the KV cache).
     python bench/int8_speed.py [--model smollm2-135m] [--ctx 512] [--tokens 64] [--repeats 3]
 
 Modes: fp32 (the reference folder); int8 as the runtime loads it (q/k/v and gate/up decode
-through one kernel per shared input, `torch_int8.SharedInput`); int8 with every linear on
+through one kernel per shared input, `torch_int8.SharedInput`); int8 with the outlier
+channels chosen per token (what CPUs without exact 8-bit products do); int8 with every linear on
 its own kernel (before the sharing); int8 with every channel through the kernel (no outlier
 split: faster, less accurate, see bench/int8_decode.py). The folders are built by the
 ordinary pipeline in OUT. Prints one table: decode tok/s (median of the repeats), its ratio
@@ -22,7 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-MODES = ("fp32", "int8", "int8, each linear on its own", "int8, no outlier split")
+MODES = ("fp32", "int8", "int8, outliers chosen per token", "int8, each linear on its own",
+         "int8, no outlier split")
 
 
 def time_mode(mode: str, folder: Path, ids_path: Path, ctx: int, tokens: int,
@@ -37,10 +39,14 @@ def time_mode(mode: str, folder: Path, ids_path: Path, ctx: int, tokens: int,
     if mode == "int8, each linear on its own":
         torch_int8.share_decode_inputs = lambda model: 0
     runtime = TorchRuntime(str(folder), threads, ctx)
-    if mode == "int8, no outlier split":
-        for module in runtime.model.modules():
-            if isinstance(module, torch_int8.Int8Linear):
-                module.outlier_channels = 0
+    for module in runtime.model.modules():
+        if not isinstance(module, torch_int8.Int8Linear):
+            continue
+        if mode == "int8, no outlier split":
+            module.split_outliers = False
+        kernel = module.shared.kernel if module.shared else module.kernel
+        if mode == "int8, outliers chosen per token" and kernel is not None:
+            kernel.fixed = None
     prompt = np.load(ids_path)[:ctx]
     runtime.generate(prompt[:8], 4)  # warm-up, as the pipeline's latency phase does
     speeds = []

@@ -232,7 +232,7 @@ def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: 
     steps = plan_steps(variant, out, reference_key, calibration, console)
     inputs = {"reference": reference_key, "spec": spec,
               "tools": tool_versions(target.build_tools)}
-    if variant.export.imatrix or variant.compress:  # only variants that read calibration text
+    if target.reads_calibration(variant.export) or variant.compress:  # only those that read it
         inputs["calibration"] = calibration.model_dump()
     if steps:  # the chain's last key: what every step's identity says decides its output
         inputs["steps"] = steps[-1].key

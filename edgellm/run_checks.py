@@ -157,7 +157,10 @@ def check_text_length(text: str, ctx: int, path: Path) -> None:
 
 def check_calibration_is_not_eval(recipe: Recipe, eval_sha: str) -> None:
     """A model tuned on the text it is scored on reads better than it is."""
-    if any(v.export.imatrix or v.compress for v in recipe.variant):
+    from edgellm.export.formats import format_of
+
+    if any(format_of(v.export.format).reads_calibration(v.export) or v.compress
+           for v in recipe.variant):
         calibration_path = resolve_text(recipe.calibration.text)
         if read_text(calibration_path)[1] == eval_sha:
             raise UserError(f"[calibration] text {calibration_path} is the evaluation text: a "

@@ -29,6 +29,7 @@ weight-only path too.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -38,6 +39,8 @@ from torch import nn
 
 QUANT_METHOD = "edgellm-int8"
 OUTLIER_CHANNELS = 8  # per decoded token, the channels multiplied in float (LLM.int8()-style)
+FIXED_OUTLIERS = 16  # with full 8-bit activations: the calibration's largest channels
+INPUT_MAX_SUFFIX = ".input_max"  # largest |activation| per input channel, calibration text
 WEIGHTS_FILE = "int8.safetensors"
 SCALE_SUFFIX = ".weight_scale"
 
@@ -80,18 +83,48 @@ def int8_state(model) -> tuple[dict[str, torch.Tensor], list[str]]:
     return state, sorted(chosen)
 
 
-def write_int8_folder(model, staging: Path) -> None:
-    """The int8 artifact of `model` into staging/ (WEIGHTS_FILE + config.json)."""
+def write_int8_folder(model, staging: Path, windows=()) -> None:
+    """The int8 artifact of `model` into staging/ (WEIGHTS_FILE + config.json); with
+    calibration `windows` (token id arrays), each linear's largest |input| per channel
+    on them as well, which decode steps use to choose their outlier channels."""
     from safetensors.torch import save_file
 
     state, names = int8_state(model)
+    maxima = input_maxima(model, windows) if len(windows) else {}
+    state.update({name + INPUT_MAX_SUFFIX: value for name, value in maxima.items()})
     save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
     config = model.config.to_dict()
     config["quantization_config"] = {
         "quant_method": QUANT_METHOD, "bits": 8, "symmetric": True, "strategy": "channel",
         "modules": names, "activations": "int8 per token when decoding one token, "
-        "float when several (weight-only)"}
+        "float when several (weight-only)", "calibrated_inputs": len(maxima)}
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def input_maxima(model, windows) -> dict[str, torch.Tensor]:
+    """{linear's name: largest |input| per input channel} over the token windows (the float
+    model's forward passes; a tied lm_head included)."""
+    maxima: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            if len(x):
+                seen = x.abs().amax(0).float()
+                maxima[name] = seen if name not in maxima else torch.maximum(maxima[name], seen)
+        return hook
+
+    handles = [module.register_forward_pre_hook(record(name))
+               for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    try:
+        with torch.inference_mode():
+            for window in windows:
+                model(input_ids=torch.as_tensor(window, dtype=torch.long)[None], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # bfloat16: ranks the channels as well as float32 does, in half the bytes
+    return {name: value.to(torch.bfloat16).contiguous() for name, value in maxima.items()}
 
 
 def is_int8_folder(folder: Path) -> bool:
@@ -107,16 +140,19 @@ class Int8Linear(nn.Module):
     rows of a token's outlier channels are contiguous). A linear of a `SharedInput` group
     decodes through the group's kernel and takes its rows of the result."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 input_max: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = codes.shape[1], codes.shape[0]
         self.register_buffer("codes_t", codes.t().contiguous(), persistent=False)
         self.register_buffer("scale", scale.float(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
-        # a plain attribute, not a submodule: state dicts and .to() leave the packed copy
-        # alone; given by `attach_kernels` once the model is whole (None: no quantized engine)
+        # the calibration text's largest |activation| per input channel (None: not measured)
+        self.input_max = input_max
+        # a plain attribute, not a submodule: given by `attach_kernels` once the model is
+        # whole (None: no quantized engine, or decoding through a SharedInput's)
         object.__setattr__(self, "kernel", None)
-        self.outlier_channels = OUTLIER_CHANNELS  # 0: the whole token through the kernel
+        self.split_outliers = True  # False: the whole token through the integer kernel
         self.shared: SharedInput | None = None
         self.rows = slice(None)  # this linear's outputs in the group's
 
@@ -127,26 +163,50 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[:-1].numel() == 1:
             if self.shared is not None:
-                y = self.shared.decode(x, self.outlier_channels)[:, self.rows]
+                y = self.shared.decode(x, self.split_outliers)[:, self.rows]
                 return y.reshape(*x.shape[:-1], self.out_features)
             if self.kernel is not None:
-                y = decode_step(x.reshape(1, -1), self.kernel, self.codes_t, self.scale,
-                                self.outlier_channels)
+                y = self.kernel(x.reshape(1, -1), self.split_outliers)
                 return y.reshape(*x.shape[:-1], self.out_features)
         return nn.functional.linear(x, self.dequantized(), self.bias)
 
 
-def decode_step(flat: torch.Tensor, kernel, codes_t: torch.Tensor, scale: torch.Tensor,
-                outlier_channels: int) -> torch.Tensor:
-    """One token [1, in]: its `outlier_channels` largest activations times their weight rows
-    in float, the rest through the integer kernel (with those channels zeroed, the token's
-    8-bit scale covers the ordinary values only)."""
-    if not outlier_channels:
-        return kernel(flat)
-    channels = flat.abs().topk(min(outlier_channels, flat.shape[1])).indices[0]
-    outliers = codes_t.index_select(0, channels).float() * scale
-    return torch.addmm(kernel(flat.index_fill(1, channels, 0.0)),
-                       flat.index_select(1, channels), outliers)
+class DecodeKernel:
+    """One token [1, in] through the platform's dynamic INT8 linear (fbgemm on x86, qnnpack
+    on ARM: the token's activations rounded to 8 bits, integer multiply-accumulate), except
+    its outlier channels, multiplied in float with their weight rows (with those channels
+    zeroed, the token's 8-bit scale covers the ordinary values only).
+
+    Where the kernel accumulates 8-bit products exactly (`full_range_products`: int32
+    accumulation, VNNI), activations take all 8 bits and the outlier channels are fixed:
+    the FIXED_OUTLIERS largest on the calibration text (`input_max`), their weight rows
+    converted to float once. Elsewhere fbgemm needs 7-bit activations (its int16 pair sums
+    overflow otherwise), and the token's own OUTLIER_CHANNELS largest are taken instead:
+    with one bit less, outliers the calibration did not see cost too much (README, "INT8
+    in torch")."""
+
+    def __init__(self, codes_t: torch.Tensor, scale: torch.Tensor, bias, input_max=None):
+        self.codes_t, self.scale = codes_t, scale
+        self.packed = pack_int8(codes_t.t().contiguous(), scale, bias)
+        self.reduce_range = not full_range_products()
+        self.fixed = None
+        if input_max is not None and not self.reduce_range:
+            channels = input_max.topk(min(FIXED_OUTLIERS, len(input_max))).indices.sort().values
+            self.fixed = channels, (codes_t.index_select(0, channels).float() * scale).contiguous()
+
+    def __call__(self, flat: torch.Tensor, split_outliers: bool = True) -> torch.Tensor:
+        if not split_outliers:
+            return self.integer(flat)
+        if self.fixed is not None:
+            channels, rows = self.fixed
+        else:
+            channels = flat.abs().topk(min(OUTLIER_CHANNELS, flat.shape[1])).indices[0]
+            rows = self.codes_t.index_select(0, channels).float() * self.scale
+        return torch.addmm(self.integer(flat.index_fill(1, channels, 0.0)),
+                           flat.index_select(1, channels), rows)
+
+    def integer(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(flat, self.packed, reduce_range=self.reduce_range)
 
 
 class SharedInput:
@@ -163,22 +223,24 @@ class SharedInput:
         self.scale = torch.cat([m.scale for m in members])
         biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in members]
         bias = torch.cat(biases) if any(m.bias is not None for m in members) else None
-        self.kernel = dynamic_kernel(self.codes_t.t().contiguous(), self.scale, bias)
+        maxima = [m.input_max for m in members if m.input_max is not None]
+        input_max = torch.stack(maxima).amax(0) if len(maxima) == len(members) else None
+        self.kernel = DecodeKernel(self.codes_t, self.scale, bias, input_max)
         start = 0
         for member in members:
             rows = slice(start, start + member.out_features)
             member.codes_t, member.scale = self.codes_t[:, rows], self.scale[rows]
             member.shared, member.rows = self, rows
             start = rows.stop
-        self._last: tuple[torch.Tensor, int, int, torch.Tensor] | None = None
+        self._last: tuple[torch.Tensor, int, bool, torch.Tensor] | None = None
 
-    def decode(self, x: torch.Tensor, outlier_channels: int) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, split_outliers: bool) -> torch.Tensor:
         last, version = self._last, _version(x)
         if last is not None and last[0] is x and last[1] == version and \
-                last[2] == outlier_channels:
+                last[2] == split_outliers:
             return last[3]
-        y = decode_step(x.reshape(1, -1), self.kernel, self.codes_t, self.scale, outlier_channels)
-        self._last = (x, version, outlier_channels, y)
+        y = self.kernel(x.reshape(1, -1), split_outliers)
+        self._last = (x, version, split_outliers, y)
         return y
 
 
@@ -198,8 +260,8 @@ def attach_kernels(model) -> None:
     share_decode_inputs(model)
     for module in model.modules():
         if isinstance(module, Int8Linear) and module.shared is None:
-            object.__setattr__(module, "kernel", dynamic_kernel(
-                module.codes_t.t().contiguous(), module.scale, module.bias))
+            object.__setattr__(module, "kernel", DecodeKernel(
+                module.codes_t, module.scale, module.bias, module.input_max))
 
 
 def share_decode_inputs(model) -> int:
@@ -246,17 +308,26 @@ def has_quantized_engine() -> bool:
         torch.backends.quantized.engine != "none"
 
 
-def dynamic_kernel(codes: torch.Tensor, scale: torch.Tensor, bias):
-    """fbgemm's (or the platform's) dynamic INT8 linear holding these very codes [out, in]."""
-    from torch.ao.nn.quantized.dynamic import Linear
-
+def pack_int8(codes: torch.Tensor, scale: torch.Tensor, bias):
+    """The platform's packed INT8 weight holding these very codes [out, in], one scale per row."""
     with warnings.catch_warnings():  # "quantized tensor creation functions are deprecated"
         warnings.simplefilter("ignore")
         weight = torch._make_per_channel_quantized_tensor(
             codes, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
-        kernel = Linear(codes.shape[1], codes.shape[0], bias_=bias is not None, dtype=torch.qint8)
-        kernel.set_weight_bias(weight, None if bias is None else bias.detach())
-    return kernel
+        return torch.ops.quantized.linear_prepack(weight, None if bias is None else bias.detach())
+
+
+@functools.cache
+def full_range_products() -> bool:
+    """Whether this CPU's dynamic INT8 kernel sums full 8-bit products exactly. Measured,
+    not read from CPU flags: a token of 255s against weights of 127 overflows the int16
+    pair sums of fbgemm's AVX2 path (what `reduce_range` exists for) but not VNNI's int32
+    accumulation."""
+    inputs = 64
+    codes = torch.full((8, inputs), 127, dtype=torch.int8)
+    packed = pack_int8(codes, torch.ones(8), None)
+    y = torch.ops.quantized.linear_dynamic(torch.ones(1, inputs), packed, reduce_range=False)
+    return bool(torch.allclose(y, torch.full_like(y, 127.0 * inputs), rtol=1e-3))
 
 
 def load_int8_model(folder: Path, dequantize: bool = False):
@@ -272,8 +343,13 @@ def load_int8_model(folder: Path, dequantize: bool = False):
     state = {}
     # one tensor at a time: each int8 matrix becomes its module before the next is read
     with safe_open(str(Path(folder) / WEIGHTS_FILE), "pt") as stored:
-        for key in stored.keys():
+        keys = set(stored.keys())
+        maxima = {key.removesuffix(INPUT_MAX_SUFFIX): stored.get_tensor(key).float()
+                  for key in keys if key.endswith(INPUT_MAX_SUFFIX) and not dequantize}
+        for key in sorted(keys):
             prefix = key.rsplit(".", 1)[0]
+            if key.endswith(INPUT_MAX_SUFFIX):
+                continue
             if prefix not in names or (dequantize and key.endswith(".bias")):
                 state[key] = stored.get_tensor(key)
             elif key.endswith(".weight"):
@@ -283,10 +359,12 @@ def load_int8_model(folder: Path, dequantize: bool = False):
                 else:
                     bias = f"{prefix}.bias"
                     _put_int8(model, prefix, codes, scale,
-                              stored.get_tensor(bias) if bias in stored.keys() else None)
+                              stored.get_tensor(bias) if bias in keys else None, maxima.get(prefix))
     if config.tie_word_embeddings and not dequantize:
         embedding = model.get_input_embeddings()
-        model.set_output_embeddings(Int8Linear(embedding.codes, embedding.scale, None))
+        head = _name_of(model, model.get_output_embeddings())
+        model.set_output_embeddings(Int8Linear(embedding.codes, embedding.scale, None,
+                                               maxima.get(head)))
     assign_state(model, state, f"int8 model {folder} does not match its config ({{name}}): "
                  "the folder is incomplete or from another model")
     if config.tie_word_embeddings and dequantize:
@@ -296,10 +374,11 @@ def load_int8_model(folder: Path, dequantize: bool = False):
     return model
 
 
-def _put_int8(model, name: str, codes: torch.Tensor, scale: torch.Tensor, bias) -> None:
+def _put_int8(model, name: str, codes: torch.Tensor, scale: torch.Tensor, bias,
+              input_max: torch.Tensor | None) -> None:
     old = model.get_submodule(name)
     if isinstance(old, nn.Linear):
-        new = Int8Linear(codes, scale, bias)
+        new = Int8Linear(codes, scale, bias, input_max)
     else:
         new = Int8Embedding(codes, scale, getattr(old, "embed_scale", None),
                             getattr(old, "padding_idx", None))

@@ -88,6 +88,9 @@ export = { format = "torch", weights = "int8" }
         assert stored.get_tensor("model.layers.0.mlp.down_proj.weight").dtype == torch.int8
         assert stored.get_tensor("model.embed_tokens.weight").dtype == torch.int8
     assert "lm_head.weight" not in names and "model.embed_tokens.weight_scale" in names
+    # each linear's inputs measured on the calibration text, the tied head's included
+    assert {"lm_head.input_max", "model.layers.0.mlp.down_proj.input_max"} <= names
+    assert "model.embed_tokens.input_max" not in names
     model = load_folder_model(out / "torch-int8", runtime_quantization=True)
     assert isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)
     assert isinstance(model.model.embed_tokens, Int8Embedding)
@@ -175,7 +178,7 @@ def test_the_outlier_split_keeps_a_large_channel_exact(tiny_llama, tmp_path):
     with torch.no_grad():
         floating = torch.nn.functional.linear(x, layer.dequantized())
         split = layer(x)
-        layer.outlier_channels = 0
+        layer.split_outliers = False
         kernel_only = layer(x)
     assert (split - floating).abs().max() < (kernel_only - floating).abs().max() / 4
 
@@ -217,3 +220,59 @@ def test_linears_reading_one_input_decode_through_one_kernel_with_the_same_resul
         torch_int8.share_decode_inputs = apart
     assert separate.model.layers[0].self_attn.q_proj.shared is None
     assert torch.allclose(decode(shared), decode(separate), atol=1e-5)
+
+
+def test_decode_steps_use_all_8_bits_where_the_kernel_sums_them_exactly(tiny_llama, tmp_path):
+    """`full_range_products` measures whether the kernel's 8-bit products overflow. Where
+    they do not, tokens are rounded to 8 bits instead of 7 and land closer to the float
+    product; where they do, the probe's exact answer is missed by far."""
+    from edgellm import torch_int8
+
+    codes, scale = torch_int8.quantize_rows(torch.randn(96, 64, generator=torch.Generator().manual_seed(1)))
+    packed = torch_int8.pack_int8(codes, scale, None)
+    tokens = torch.randn(64, 64, generator=torch.Generator().manual_seed(2))
+    exact = tokens @ (codes.float() * scale[:, None]).t()
+
+    def error(reduce_range):
+        rows = [torch.ops.quantized.linear_dynamic(t[None], packed, reduce_range=reduce_range)
+                for t in tokens]
+        return (torch.cat(rows) - exact).norm().item()
+
+    if torch_int8.full_range_products():
+        assert error(False) < 0.75 * error(True)
+    else:
+        probe = torch_int8.pack_int8(torch.full((8, 64), 127, dtype=torch.int8), torch.ones(8), None)
+        y = torch.ops.quantized.linear_dynamic(torch.ones(1, 64), probe, reduce_range=False)
+        assert (y - 127.0 * 64).abs().max() > 100
+
+
+def test_fixed_outlier_channels_are_the_calibrations_largest(tiny_llama, tmp_path):
+    """An int8 folder written with calibration windows stores each linear's largest input
+    per channel; where tokens take all 8 bits, decode steps multiply the FIXED_OUTLIERS
+    largest of them in float (one choice per shared input), and a token huge on those
+    channels decodes almost as the float product does."""
+    from edgellm import torch_int8
+
+    model = load_folder_model(tiny_llama)
+    folder = tmp_path / "int8"
+    folder.mkdir()
+    torch_int8.write_int8_folder(model, folder, [list(range(3, 60)), list(range(60, 120))])
+    loaded = load_folder_model(folder, runtime_quantization=True)
+    down = loaded.model.layers[0].mlp.down_proj
+    assert down.input_max is not None and down.input_max.shape == (down.in_features,)
+    assert loaded.lm_head.input_max is not None
+    if not torch_int8.full_range_products():  # 7-bit tokens: outliers chosen per token
+        assert down.kernel.fixed is None
+        return
+    channels, _ = down.kernel.fixed
+    assert channels.tolist() == sorted(down.input_max.topk(torch_int8.FIXED_OUTLIERS).indices.tolist())
+    q = loaded.model.layers[0].self_attn.q_proj
+    assert q.input_max is not None and q.shared.kernel.fixed is not None
+    x = torch.randn(1, 1, down.in_features, generator=torch.Generator().manual_seed(0))
+    x[..., channels] *= 300.0
+    with torch.no_grad():
+        floating = torch.nn.functional.linear(x, down.dequantized())
+        split = down(x)
+        down.split_outliers = False
+        kernel_only = down(x)
+    assert (split - floating).abs().max() < (kernel_only - floating).abs().max() / 4

@@ -106,6 +106,11 @@ class Format:
         before the export, GPTQ, solves each linear onto its type); None otherwise."""
         return None
 
+    def reads_calibration(self, spec) -> bool:
+        """Whether exporting `spec` reads the calibration text (an importance matrix, a
+        size budget's sensitivity pass): its variants are then keyed by that text too."""
+        return spec.imatrix or spec.max_size_mb is not None
+
     def export(self, model_dir: Path, staging: Path, spec, name: str, work: Path,
                calibration=None) -> Path:
         """Write the artifact for `spec` from the HF folder `model_dir` into `staging`
