@@ -11,20 +11,22 @@ transformers 5 ignores a quantization method it does not know and would read the
 codes as float weights; with no `model.safetensors` in the folder, plain `from_pretrained`
 stops instead (no weights file found).
 
+With calibration windows it also saves `<name>.input_max` (bfloat16): the largest
+|input| of each linear per input channel on that text, a tied lm_head's included.
+
 `load_int8_model` builds the model on the meta device and puts modules that compute with
 the int8 tensors in place of the linears and the embedding. A decode step (one token) runs
-fbgemm's dynamic INT8 linear (`torch.ao.nn.quantized.dynamic`: the token's activations
-rounded to 8 bits, integer multiply-accumulate), except for the token's 8 largest input
-channels, multiplied in float with their int8 weight rows (LLM.int8()'s outlier split,
-chosen per token): SmolLM2's outlier channels would otherwise stretch the 8-bit scale of
-every other value (README, "INT8 in torch": KL 0.065 → 0.009 on the decode path). Linears
-reading the same input (q/k/v, gate/up) decode through one kernel over their stacked rows,
-with one choice of outlier channels (`SharedInput`: 1.28× the decode speed of a kernel per
-linear on SmolLM2, bench/int8_speed.py). Several
-tokens at once (a prompt, a scored window) multiply the dequantized codes in float32:
-weight-only INT8. torch marks fbgemm's quantized tensors deprecated (pytorch/pytorch#184982)
-and still ships them; where a build has no quantized engine, decode steps take the
-weight-only path too.
+fbgemm's dynamic INT8 linear (the token's activations rounded to 8 bits, integer
+multiply-accumulate), except for a few outlier channels multiplied in float with their int8
+weight rows (LLM.int8()'s outlier split): SmolLM2's outlier channels would otherwise
+stretch the 8-bit scale of every other value (README, "INT8 in torch"). `DecodeKernel`
+says which: the calibration's 16 largest where this CPU sums 8-bit products exactly, the
+token's own 8 largest where fbgemm needs 7-bit tokens. Linears reading the same input
+(q/k/v, gate/up) decode through one kernel over their stacked rows, with one choice of
+outlier channels (`SharedInput`). Several tokens at once (a prompt, a scored window)
+multiply the dequantized codes in float32: weight-only INT8. torch marks fbgemm's quantized
+tensors deprecated (pytorch/pytorch#184982) and still ships them; where a build has no
+quantized engine, decode steps take the weight-only path too.
 """
 
 from __future__ import annotations
@@ -216,7 +218,7 @@ class SharedInput:
     since: see `_version`); a different input is simply computed again.
     Each linear's codes become a view of the stacked ones and its own kernel goes: the
     packed weights are held once. Measured on SmolLM2 (bench/int8_speed.py): fewer,
-    larger kernel calls per token, 11.7 -> 15.0 tok/s."""
+    larger kernel calls per token, 1.28x (AMD EPYC) and 1.09x (Xeon) the decode speed."""
 
     def __init__(self, members: list[Int8Linear]):
         self.codes_t = torch.cat([m.codes_t for m in members], dim=1)
