@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, shared_text
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +149,31 @@ def test_a_changed_step_identity_rebuilds_the_variant(tiny_llama, tmp_path, monk
                         lambda step, context: {**identity(step, context), "new": 1})
     again = build()
     assert "magnitude: wrote" in again and "pruned: built" in again
+
+
+def test_an_export_that_reads_calibration_text_is_keyed_by_it(tiny_llama, tmp_path):
+    """The torch int8 export measures each linear's inputs on the calibration text: another
+    text rebuilds it, while an f32 folder, which reads none, stays up to date."""
+    import shutil
+
+    from rich.console import Console
+
+    from edgellm.pipeline import build_variant
+    from edgellm.recipe import CalibrationSpec, VariantSpec
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_llama, out / "reference")
+    variants = [VariantSpec(name=f"torch-{weights}", export={"format": "torch", "weights": weights})
+                for weights in ("int8", "f32")]
+
+    def build(text: str) -> str:
+        console = Console(record=True, width=200)
+        calibration = CalibrationSpec(text=str(shared_text(text)), samples=2, seqlen=32)
+        for variant in variants:
+            build_variant(variant, out, "reference-key", console, calibration)
+        return console.export_text()
+
+    first = build("wikitext-2-valid.txt")
+    assert "torch-int8: built" in first and "torch-f32: built" in first
+    again = build("wikitext-2-raw-test.txt")
+    assert "torch-int8: built" in again and "torch-f32: up to date" in again
