@@ -59,7 +59,7 @@ def main() -> None:
     paths = {"weight-only (windows)": (int8, False), "decode, outlier split (default)": (int8, True)}
     rows = {name: log_probs(model, ids, one) for name, (model, one) in paths.items()}
     linears = [m for m in int8.modules() if isinstance(m, torch_int8.Int8Linear)]
-    kernels = {id(k): k for m in linears for k in [m.shared.kernel if m.shared else m.kernel] if k}
+    kernels = {id(m.decode_kernel): m.decode_kernel for m in linears if m.decode_kernel}
     if any(k.fixed is not None for k in kernels.values()):
         for kernel in kernels.values():  # what CPUs without exact 8-bit products choose
             kernel.fixed = None

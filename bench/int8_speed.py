@@ -44,9 +44,8 @@ def time_mode(mode: str, folder: Path, ids_path: Path, ctx: int, tokens: int,
             continue
         if mode == "int8, no outlier split":
             module.split_outliers = False
-        kernel = module.shared.kernel if module.shared else module.kernel
-        if mode == "int8, outliers chosen per token" and kernel is not None:
-            kernel.fixed = None
+        if mode == "int8, outliers chosen per token" and module.decode_kernel is not None:
+            module.decode_kernel.fixed = None
     prompt = np.load(ids_path)[:ctx]
     runtime.generate(prompt[:8], 4)  # warm-up, as the pipeline's latency phase does
     speeds = []

@@ -55,6 +55,7 @@ from edgellm.run_checks import (
     check_steps,
     check_text_length,
     prepare_out_dir,
+    reads_calibration,
 )
 from edgellm.runtimes import RUNTIMES
 from edgellm.runtimes.protocol import MeasureSpec, default_threads, measure_in_subprocess
@@ -232,7 +233,7 @@ def build_variant(variant: VariantSpec, out: Path, reference_key: str, console: 
     steps = plan_steps(variant, out, reference_key, calibration, console)
     inputs = {"reference": reference_key, "spec": spec,
               "tools": tool_versions(target.build_tools)}
-    if target.reads_calibration(variant.export) or variant.compress:  # only those that read it
+    if reads_calibration(variant):
         inputs["calibration"] = calibration.model_dump()
     if steps:  # the chain's last key: what every step's identity says decides its output
         inputs["steps"] = steps[-1].key

@@ -155,12 +155,17 @@ def check_text_length(text: str, ctx: int, path: Path) -> None:
                         "use a longer text or a smaller --ctx")
 
 
-def check_calibration_is_not_eval(recipe: Recipe, eval_sha: str) -> None:
-    """A model tuned on the text it is scored on reads better than it is."""
+def reads_calibration(variant) -> bool:
+    """Whether building the variant reads the calibration text: a compression step, or an
+    export that does (an importance matrix, a size budget, torch int8)."""
     from edgellm.export.formats import format_of
 
-    if any(format_of(v.export.format).reads_calibration(v.export) or v.compress
-           for v in recipe.variant):
+    return bool(variant.compress) or format_of(variant.export.format).reads_calibration(variant.export)
+
+
+def check_calibration_is_not_eval(recipe: Recipe, eval_sha: str) -> None:
+    """A model tuned on the text it is scored on reads better than it is."""
+    if any(reads_calibration(v) for v in recipe.variant):
         calibration_path = resolve_text(recipe.calibration.text)
         if read_text(calibration_path)[1] == eval_sha:
             raise UserError(f"[calibration] text {calibration_path} is the evaluation text: a "

@@ -158,6 +158,11 @@ class Int8Linear(nn.Module):
         self.shared: SharedInput | None = None
         self.rows = slice(None)  # this linear's outputs in the group's
 
+    @property
+    def decode_kernel(self) -> DecodeKernel | None:
+        """The kernel this linear's decode steps run: its group's, or its own."""
+        return self.shared.kernel if self.shared is not None else self.kernel
+
     def dequantized(self) -> torch.Tensor:
         """The float weight [out, in]."""
         return (self.codes_t.float() * self.scale).t()

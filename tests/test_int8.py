@@ -273,7 +273,7 @@ def test_fixed_outlier_channels_are_the_calibrations_largest(tiny_llama, tmp_pat
     channels, _ = down.kernel.fixed
     assert channels.tolist() == sorted(down.input_max.topk(torch_int8.FIXED_OUTLIERS).indices.tolist())
     q = loaded.model.layers[0].self_attn.q_proj
-    assert q.input_max is not None and q.shared.kernel.fixed is not None
+    assert q.input_max is not None and q.decode_kernel.fixed is not None
     x = torch.randn(1, 1, down.in_features, generator=torch.Generator().manual_seed(0))
     x[..., channels] *= 300.0
     assert_split_keeps_outliers(down, x)
