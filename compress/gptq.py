@@ -67,10 +67,10 @@ class Options(BaseModel):
     backend: Literal["native", "gptqmodel"] = "native"  # gptqmodel: CUDA only (gptqmodel_backend.py)
 
 
-def grid_of(options: Options, context) -> Grid:
+def grid_of(options: Options, context, method: str = "GPTQ") -> Grid:
     export = getattr(context, "export", None)
     if export is not None and export.format != "torch":
-        grid = grid_for_export(export, options.bits, options.group_size)
+        grid = grid_for_export(export, options.bits, options.group_size, method)
     else:
         grid = standalone_grid(options.grid, options.bits or 4, options.group_size or 32,
                                options.symmetric)
@@ -169,9 +169,9 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
             progress.console.print(f"gptq: awq scaled {len(moved)} of {len(alphas)} places"
                                    + (f", mean α {sum(moved) / len(moved):.2f}" if moved else ""))
     if plan is None:
-        write_quant_config(dest, grid, options)
+        write_quant_config(dest, grid, solver_settings(options))
     else:
-        write_mixed_config(dest, grids, plan["record"], options)
+        write_mixed_config(dest, grids, plan["record"], solver_settings(options))
 
 
 def quantize_layer(layer: torch.nn.Module, inputs, grid_for, options: Options, prefix: str,
@@ -230,11 +230,17 @@ def solve_group(linears: dict, names: list[str], hessian: torch.Tensor, grid: Gr
         part = slice(start, start + rows)
         start += rows
         linears[name].weight.data = dequantize(grid, q[part], scale[part], zero[part])
-        packed = PackedLinear(grid.stored(q[part]), scale[part], grid.stored(zero[part]),
-                              grid.storage_bits, grid.group)
-        for key, tensor in to_checkpoint(packed).items():
+        for key, tensor in checkpoint_parts(grid, q[part], scale[part], zero[part]).items():
             stored[f"{name}.{key}"] = tensor
     return stored
+
+
+def checkpoint_parts(grid: Grid, q: torch.Tensor, scale: torch.Tensor,
+                     zero: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One linear's GPTQ checkpoint tensors (qweight, qzeros, scales, g_idx) from its
+    integers on `grid` (q [out, in], scale and zero [out, groups])."""
+    packed = PackedLinear(grid.stored(q), scale, grid.stored(zero), grid.storage_bits, grid.group)
+    return to_checkpoint(packed)
 
 
 def head_module(config) -> str:
@@ -284,33 +290,38 @@ def refit_for(options: Options, grid: Grid) -> bool:
     return grid.bits == 4 if options.refit is None else options.refit
 
 
-def write_quant_config(dest: Path, grid: Grid, options: Options) -> None:
+def solver_settings(options: Options) -> dict:
+    """What a checkpoint's quantization_config records of how GPTQ solved it."""
+    return {"static_groups": options.act_order, "true_sequential": options.true_sequential,
+            "damp_percent": options.damp}
+
+
+def write_quant_config(dest: Path, grid: Grid, settings: dict) -> None:
     """Mark the folder a GPTQ checkpoint (v1 format) as GPTQModel and transformers expect;
-    `edgellm_grid` records which export grid the integers were solved on."""
+    `edgellm_grid` records which export grid the integers were solved on, `settings` how
+    (`solver_settings`, or another method's)."""
     path = Path(dest) / "config.json"
     config = json.loads(path.read_text())
     config["quantization_config"] = {
         "quant_method": "gptq", "checkpoint_format": "gptq", "bits": grid.storage_bits,
         "group_size": grid.group, "sym": grid.symmetric and grid.bits == grid.storage_bits,
-        "desc_act": False,
-        "static_groups": options.act_order, "true_sequential": options.true_sequential,
-        "damp_percent": options.damp, "edgellm_grid": grid.label,
+        "desc_act": False, **settings, "edgellm_grid": grid.label,
     }
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def write_mixed_config(dest: Path, grids: dict[str, Grid | None], record: dict,
-                       options: Options) -> None:
+                       settings: dict) -> None:
     """A checkpoint whose linears sit on several grids: the most common grid's settings as
     the checkpoint's, GPTQModel `dynamic` overrides for the others ("-:" for linears left
     in float), each linear's grid (`edgellm_grids`) and the budget's plan, which the GGUF
     exporter writes as it is (`edgellm_tensor_types`)."""
     from collections import Counter
 
-    def settings(grid: Grid) -> tuple[int, int, bool]:
+    def grid_settings(grid: Grid) -> tuple[int, int, bool]:
         return grid.storage_bits, grid.group, grid.symmetric and grid.bits == grid.storage_bits
 
-    used = Counter(settings(g) for g in grids.values() if g is not None)
+    used = Counter(grid_settings(g) for g in grids.values() if g is not None)
     if not used:
         raise UserError("the size budget gave no linear a type GPTQ solves onto (q4_0, q5_0, "
                         "q8_0): add one of them to the candidates, or leave GPTQ out")
@@ -319,10 +330,9 @@ def write_mixed_config(dest: Path, grids: dict[str, Grid | None], record: dict,
     config = json.loads(path.read_text())
     config["quantization_config"] = {
         "quant_method": "gptq", "checkpoint_format": "gptq", "bits": base[0],
-        "group_size": base[1], "sym": base[2], "desc_act": False,
-        "static_groups": options.act_order, "true_sequential": options.true_sequential,
-        "damp_percent": options.damp, "edgellm_grid": "mixed",
-        "dynamic": dynamic_overrides({m: g and settings(g) for m, g in grids.items()}, base),
+        "group_size": base[1], "sym": base[2], "desc_act": False, **settings,
+        "edgellm_grid": "mixed",
+        "dynamic": dynamic_overrides({m: g and grid_settings(g) for m, g in grids.items()}, base),
         "edgellm_grids": {m: g and g.label for m, g in sorted(grids.items())},
         "edgellm_tensor_types": record,
     }

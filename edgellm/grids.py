@@ -54,6 +54,9 @@ class Grid:
     aliases: ClassVar[tuple[str, ...]] = ()  # labels of other grids that are this very grid
     gptq: ClassVar[bool] = True  # its integers fit a GPTQ checkpoint
     gptqmodel: ClassVar[bool] = False  # GPTQModel solves onto it (integer zero point per group)
+    # AutoRound computes it exactly (compress/autoround.py): an integer zero point per group,
+    # or symmetric with the signed extreme at -2^(bits-1) and integers down to it
+    autoround: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -198,6 +201,7 @@ class Q4_0(GgufGrid):
     name: ClassVar[str] = "q4_0"
     aliases: ClassVar[tuple[str, ...]] = ("nbits4-g32-sym",)  # MatMulNBits int4, symmetric, 32
     gptqmodel: ClassVar[bool] = True
+    autoround: ClassVar[bool] = True
 
     def block_payload(self, q):
         return [_nibbles(q)]
@@ -228,6 +232,7 @@ class Q4_1(GgufGrid):
 class Q5_0(GgufGrid):
     bits: int = 5
     name: ClassVar[str] = "q5_0"
+    autoround: ClassVar[bool] = True
 
     def block_payload(self, q):
         """A 32-bit qh holding bit 4 of q[j] at bit j, then the low nibbles as Q4_0."""
@@ -267,6 +272,7 @@ class NBits(Grid):
 
     name: ClassVar[str] = "nbits"
     gptqmodel: ClassVar[bool] = True
+    autoround: ClassVar[bool] = True
 
     @property
     def label(self) -> str:
@@ -355,30 +361,32 @@ def gguf_grid(name: str) -> GgufGrid:
     return GGUF_GRIDS[name]()
 
 
-def grid_for_export(export, bits: int | None, group_size: int | None) -> Grid:
+def grid_for_export(export, bits: int | None, group_size: int | None,
+                    method: str = "GPTQ") -> Grid:
     """The grid of a recipe export target (gguf q4_0/q5_0/q8_0, onnx/ort int4/int8), checked
-    against the step's own bits/group_size when it gives them."""
+    against the step's own bits/group_size when it gives them (`method` names the step in
+    the messages)."""
     if export.format == "gguf":
         if export.weights not in GGUF_GRIDS:
-            raise UserError(f"GPTQ writes GGUF {', '.join(GGUF_GRIDS)} blocks, not "
+            raise UserError(f"{method} writes GGUF {', '.join(GGUF_GRIDS)} blocks, not "
                             f"'{export.weights}': choose one of those weights")
         grid = gguf_grid(export.weights)
     elif export.format in ("onnx", "ort"):
         if export.weights not in ("int4", "int8"):
-            raise UserError(f"GPTQ writes ONNX int4/int8 (MatMulNBits), not '{export.weights}'")
+            raise UserError(f"{method} writes ONNX int4/int8 (MatMulNBits), not '{export.weights}'")
         grid = canonical(NBits(int(export.weights[3:]), export.block_size, export.symmetric))
     elif export.format == "mlx":
         if export.weights not in MLX_BITS:
-            raise UserError(f"GPTQ writes MLX q4/q8 (affine groups of {MLX_GROUP}), not "
+            raise UserError(f"{method} writes MLX q4/q8 (affine groups of {MLX_GROUP}), not "
                             f"'{export.weights}'")
         grid = NBits(MLX_BITS[export.weights], MLX_GROUP, False)
     else:
-        raise UserError(f"GPTQ cannot feed a {export.format} export: use gguf, onnx, ort or mlx")
+        raise UserError(f"{method} cannot feed a {export.format} export: use gguf, onnx, ort or mlx")
     if bits is not None and bits != grid.bits:
-        raise UserError(f"GPTQ bits={bits} but the export {export.format} {export.weights} "
+        raise UserError(f"{method} bits={bits} but the export {export.format} {export.weights} "
                         f"stores {grid.bits}-bit weights: make them agree")
     if group_size is not None and group_size != grid.group:
-        raise UserError(f"GPTQ group_size={group_size} but the export {export.format} "
+        raise UserError(f"{method} group_size={group_size} but the export {export.format} "
                         f"{export.weights} uses blocks of {grid.group}: make them agree")
     return grid
 

@@ -1,0 +1,122 @@
+"""AutoRound onto the export's grid (compress/autoround.py): the integers it tuned are the
+ones the MLX folder and the GGUF blocks hold, it tunes rather than rounds, under a size
+budget it takes the plan's grids and the logits' matrix is solved too, and grids it cannot
+compute exactly are refused before any work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import load_tensors, run_cli, write_tiny_recipe
+
+from edgellm.export.gguf_gptq import packed_linears
+from edgellm.gptq_checkpoint import dequantized_state
+
+
+def step_folder(out):
+    (step,) = [p for p in (out / "_work" / "steps").glob("autoround-*") if p.suffix != ".resume"]
+    return step
+
+
+def run_variant(tmp_path, tiny_llama, export: str, step: str = '{ method = "autoround", iters = 4 }'):
+    recipe = write_tiny_recipe(tmp_path / "recipe.toml", tiny_llama, f"""
+[[variant]]
+name = "v"
+compress = [{step}]
+export = {export}
+""")
+    out = tmp_path / "out"
+    return run_cli("run", recipe, "--out", out), out
+
+
+def test_autoround_integers_are_carried_into_mlx_and_are_tuned(tmp_path, tiny_llama):
+    import mlx.core as mx
+    import torch
+
+    from edgellm.grids import NBits
+
+    result, out = run_variant(tmp_path, tiny_llama, '{ format = "mlx", weights = "q4" }')
+    assert result.returncode == 0, result.stderr
+    step = step_folder(out)
+    config = json.loads((step / "config.json").read_text())["quantization_config"]
+    assert config["edgellm_grid"] == "nbits4-g64-asym" and config["autoround"]["iters"] == 4
+    linears, solved = packed_linears(step), dequantized_state(step)
+    stored = {k: mx.array(v) for k, v in load_tensors_np(out / "v" / "mlx").items()}
+    assert len(linears) == 14  # 2 layers × 7 linears
+    source, grid, moved = load_tensors(tiny_llama), NBits(4, 64, False), 0
+    for name, linear in linears.items():
+        q, scales, biases = (stored[f"{name}.{p}"] for p in ("weight", "scales", "biases"))
+        values = np.array(mx.dequantize(q, scales, biases, group_size=64, bits=4).astype(mx.float32))
+        expected = solved[f"{name}.weight"].numpy()
+        step_size = np.repeat(linear.scale.float().numpy(), 64, axis=1)
+        assert np.array_equal(np.round((values - expected) / step_size), np.zeros_like(values))
+        weight = source[f"{name}.weight"].float()
+        blocks = weight.reshape(-1, 64)
+        scale, zero = grid.fit_range(blocks)
+        nearest = grid.value(grid.quantize(blocks, scale, zero), scale[:, None], zero[:, None])
+        moved += int((nearest.reshape(weight.shape) != torch.from_numpy(expected)).sum())
+    assert moved > 0  # tuned: not the grid's round-to-nearest at full range
+
+
+def test_autoround_onto_q4_0_is_stored_in_the_gguf_blocks(tmp_path, tiny_llama):
+    import gguf
+
+    result, out = run_variant(tmp_path, tiny_llama, '{ format = "gguf", weights = "q4_0" }')
+    assert result.returncode == 0, result.stderr
+    solved = dequantized_state(step_folder(out))
+    (path,) = (out / "v").glob("*.gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    for layer in range(2):
+        tensor = tensors[f"blk.{layer}.ffn_down.weight"]
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_0
+        stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        assert np.array_equal(stored, solved[f"model.layers.{layer}.mlp.down_proj.weight"].numpy())
+
+
+def test_autoround_inside_an_mlx_budget_takes_the_plan_and_solves_the_head(tmp_path, tiny_llama):
+    from edgellm.export.mlx_gptq import mlx_tensors
+
+    result, out = run_variant(tmp_path, tiny_llama, '{ format = "mlx", target_bpw = 6, '
+                              'candidates = ["q3-g32", "q5-g64", "q8-g64"] }')
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((out / "v" / "allocation.json").read_text())
+    # every matrix but the 8-bit ones (AutoRound leaves them to the exporter), the embedding
+    # solved by GPTQ as the lm_head
+    eight = sum(c.startswith("q8") for c in plan["tensor_types"].values())
+    assert plan["gptq_tensors"] == len(plan["tensor_types"]) - eight
+    assert plan["written_bytes"] <= plan["max_size_mb"] * 1e6
+    widths = {name: int(c[1]) for name, c in plan["tensor_types"].items()}
+    assert set(widths.values()) - {4, 8}
+    stored = load_tensors_np(out / "v" / "mlx")
+    linears = packed_linears(step_folder(out))
+    assert "model.embed_tokens" in linears
+    for name, linear in linears.items():
+        assert not plan["tensor_types"][f"{name}.weight"].startswith("q8")
+        for part, value in mlx_tensors(linear, widths[f"{name}.weight"]).items():
+            assert np.array_equal(stored[f"{name}.{part}"], value), (name, part)
+
+
+def load_tensors_np(folder):
+    from safetensors.numpy import load_file
+
+    stored = {}
+    for path in folder.glob("*.safetensors"):
+        stored.update(load_file(path))
+    return stored
+
+
+@pytest.mark.parametrize("export, step, message", [
+    ('{ format = "gguf", weights = "q8_0" }', '{ method = "autoround" }', "q8_0"),
+    ('{ format = "mlx", weights = "q8" }', '{ method = "autoround" }', "nbits8-g64-asym"),
+    ('{ format = "mlx", max_size_mb = 1 }', '{ method = "autoround", bits = 4 }', "leave bits"),
+    ('{ format = "gguf", weights = "q4_k_m" }', '{ method = "autoround" }', "q4_k_m"),
+])
+def test_bad_autoround_steps_are_one_line_before_any_work(tmp_path, tiny_llama, export, step,
+                                                           message):
+    result, out = run_variant(tmp_path, tiny_llama, export, step)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not out.exists()
