@@ -5,12 +5,13 @@ format's own single types on the same model and text, and how long the budget ex
                            [--budgets 80,91.7,105.5,120] [--max-tokens 4096] [--gptq]
                            [--text wikitext-2-raw-test] [--out bench-budget]
                            [--candidates q3_k,q4_0,...] [--peers q4_0,q4_0-imatrix,...]
-                           [--samples 64]
+                           [--samples 64] [--autoround ITERS]
 
 Peers: GGUF, llama.cpp's single types (q4_0/q5_0 also with the importance matrix); ONNX,
 the onnxruntime-genai builder's int4 and int8; MLX, mlx-lm's q4 and q8 (groups of 64).
 --gptq adds, per budget, the same plan with GPTQ's integers in it (every format; about
-4 min of GPTQ per budget for SmolLM2 on 2 cores).
+4 min of GPTQ per budget for SmolLM2 on 2 cores); --autoround ITERS the same with AutoRound's
+integers (compress/autoround.py; about 11 s a SmolLM2 layer per 50 steps here).
 
 Every variant is built and measured by the ordinary pipeline in OUT (a second call with
 other budgets reuses the Fisher pass and the sensitivity table, so only the first budget
@@ -56,8 +57,8 @@ def peers(fmt: str, chosen: list[str] | None = None) -> list[VariantSpec]:
 
 
 def variants(budgets: list[float], gptq: bool = False, fmt: str = "gguf",
-             candidates: list[str] | None = None,
-             chosen_peers: list[str] | None = None) -> list[VariantSpec]:
+             candidates: list[str] | None = None, chosen_peers: list[str] | None = None,
+             autoround: int | None = None) -> list[VariantSpec]:
     def budget(b: float) -> ExportSpec:
         return ExportSpec(format=fmt, max_size_mb=b, candidates=candidates or CANDIDATES[fmt])
 
@@ -65,6 +66,10 @@ def variants(budgets: list[float], gptq: bool = False, fmt: str = "gguf",
     if gptq:
         mixed += [VariantSpec(name=f"edgellm-gptq-budget-{b:g}", compress=[{"method": "gptq"}],
                               export=budget(b)) for b in budgets]
+    if autoround:
+        mixed += [VariantSpec(name=f"edgellm-autoround-budget-{b:g}", export=budget(b),
+                              compress=[{"method": "autoround", "iters": autoround}])
+                  for b in budgets]
     return peers(fmt, chosen_peers) + mixed
 
 
@@ -83,6 +88,8 @@ def main() -> None:
     parser.add_argument("--candidates", help="the budget's types, comma-separated")
     parser.add_argument("--peers", help="GGUF single types to compare, comma-separated "
                         "(a -imatrix suffix: with the importance matrix)")
+    parser.add_argument("--autoround", type=int, metavar="ITERS",
+                        help="also AutoRound inside each budget, ITERS steps a block")
     parser.add_argument("--samples", type=int, default=64, help="calibration windows of 512")
     parser.add_argument("--out", type=Path, default=Path("bench-budget"))
     args = parser.parse_args()
@@ -92,7 +99,7 @@ def main() -> None:
                     eval=EvalSpec(text=args.text, max_tokens=args.max_tokens),
                     calibration=CalibrationSpec(samples=args.samples),
                     variant=variants(budgets, args.gptq, args.format, split(args.candidates),
-                                     split(args.peers)))
+                                     split(args.peers), args.autoround))
     console = Console(stderr=True)
     run = start_run(recipe, args.out, console)
     build_seconds = {}

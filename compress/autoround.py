@@ -27,8 +27,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgellm.compress import gptq
-from edgellm.errors import UserError
 from edgellm.compress.hessians import linear_layers
+from edgellm.errors import UserError
 from edgellm.grids import Grid, dequantize
 
 PACKAGE = "auto-round"

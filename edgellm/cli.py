@@ -178,8 +178,8 @@ def export(
 @app.command()
 def compress(
     model: Annotated[str, typer.Argument(help="Built-in name, HF folder, .gguf file or hub id.")],
-    method: Annotated[str, typer.Option(help="Compression method: gptq, smoothquant, magnitude, "
-                                        "wanda, sparsegpt, depth, width, distill.")],
+    method: Annotated[str, typer.Option(help="Compression method: gptq, autoround, smoothquant, "
+                                        "magnitude, wanda, sparsegpt, depth, width, distill.")],
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Method option as key=value, e.g. --set bits=4 (repeat).")] = None,
     calibration: Annotated[str, typer.Option(help="Calibration text file or built-in name.")]
