@@ -91,10 +91,18 @@ def decoder_grids(model, options: Options, context) -> tuple[dict[str, Grid | No
              for name in linear_layers(layer)]
     if gptq.budget_of(context) is None:
         grid = single_grid(options, context)
-        return dict.fromkeys(names, grid), None
-    grids, plan = gptq.module_grids(gptq.Options(), context)
-    return {n: grids[n] if grids.get(n) is not None and tunes(grids[n]) else None
-            for n in names}, {**plan, "grids": grids}
+        chosen, plan = dict.fromkeys(names, grid), None
+    else:
+        grids, plan = gptq.module_grids(gptq.Options(), context)
+        chosen = {n: grids[n] if grids.get(n) is not None and tunes(grids[n]) else None
+                  for n in names}
+        plan = {**plan, "grids": grids}
+    for name, grid in chosen.items():
+        inputs = model.get_submodule(name).in_features
+        if grid is not None and inputs % grid.group:
+            raise UserError(f"AutoRound group size {grid.group} does not divide {name}'s "
+                            f"{inputs} inputs: choose a group size that does")
+    return chosen, plan
 
 
 def tunes(grid: Grid) -> bool:

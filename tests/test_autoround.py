@@ -120,3 +120,12 @@ def test_bad_autoround_steps_are_one_line_before_any_work(tmp_path, tiny_llama, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert not out.exists()
+
+
+def test_a_group_that_does_not_divide_is_one_line_before_tuning(tiny_llama, tmp_path):
+    result = run_cli("compress", tiny_llama, "--method", "autoround", "--set", "group_size=256",
+                     "--samples", "2", "--seqlen", "32", "--out", tmp_path / "o")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not divide" in lines[0], lines
+    assert not list((tmp_path / "o").rglob("*.safetensors"))
