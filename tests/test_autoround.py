@@ -1,7 +1,7 @@
 """AutoRound onto the export's grid (compress/autoround.py): the integers it tuned are the
-ones the MLX folder and the GGUF blocks hold, it tunes rather than rounds, under a size
-budget it takes the plan's grids and the logits' matrix is solved too, and grids it cannot
-compute exactly are refused before any work."""
+ones the MLX folder, the GGUF blocks and the MatMulNBits nodes hold, it tunes rather than
+rounds, under a size budget it takes the plan's grids and the logits' matrix is solved
+too, and grids it cannot compute exactly are refused before any work."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import load_tensors, run_cli, write_tiny_recipe
+from conftest import load_tensors, run_cli, shared_text, write_tiny_recipe
 
 from edgellm.export.gguf_gptq import packed_linears
 from edgellm.gptq_checkpoint import dequantized_state
@@ -129,3 +129,23 @@ def test_a_group_that_does_not_divide_is_one_line_before_tuning(tiny_llama, tmp_
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not divide" in lines[0], lines
     assert not list((tmp_path / "o").rglob("*.safetensors"))
+
+
+def test_autoround_onto_int4_is_stored_in_the_matmulnbits_nodes(tmp_path, tiny_llama):
+    from edgellm.compress import Context, apply_step
+    from edgellm.export.onnx import export_onnx
+    from edgellm.recipe import CalibrationSpec, ExportSpec
+    from test_gptq import _matmulnbits_weights
+
+    export = ExportSpec(format="onnx", weights="int4")  # zero points, blocks of 32
+    folder, work = tmp_path / "autoround", tmp_path / "work"
+    folder.mkdir(), work.mkdir()
+    calibration = CalibrationSpec(text=str(shared_text("wikitext-2-valid.txt")), samples=4, seqlen=64)
+    apply_step({"method": "autoround", "iters": 4}, tiny_llama, folder,
+               Context(calibration=calibration, export=export))
+    target = export_onnx(folder, tmp_path / "onnx", export, work)
+    solved = dequantized_state(folder)
+    for layer in range(2):
+        hf = f"model.layers.{layer}"
+        stored = _matmulnbits_weights(target / "model.onnx", f"{hf}.mlp.down_proj")
+        assert np.array_equal(stored, solved[f"{hf}.mlp.down_proj.weight"].numpy())
