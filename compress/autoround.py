@@ -9,8 +9,8 @@ budget's plan, a grid per linear), reads every linear's integers back, checks th
 on that grid and compute AutoRound's weights, and writes the same standard GPTQ
 checkpoint GPTQ writes, so the GGUF, ONNX and MLX exporters store the integers as they are.
 
-Grids it does not tune onto stay float in the checkpoint and the exporter rounds them:
-Q8_0 (-127..127; AutoRound's symmetric 8 bits reach -128) and every 8-bit grid, whose
+Grids it does not tune onto are refused as a single type; inside a size budget their
+matrices stay float in the checkpoint and the exporter rounds them. They are Q8_0 (-127..127; AutoRound's symmetric 8 bits reach -128) and every 8-bit grid, whose
 integers do not read back exactly from the bfloat16 weights AutoRound leaves on CPU
 (READ_BACK_BITS). AutoRound leaves the logits' matrix in float; under a size budget it is
 solved as GPTQ solves it (`gptq.solve_head`, on the tuned model's final-norm inputs).
