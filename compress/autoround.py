@@ -10,7 +10,8 @@ on that grid and compute AutoRound's weights, and writes the same standard GPTQ
 checkpoint GPTQ writes, so the GGUF, ONNX and MLX exporters store the integers as they are.
 
 Grids it does not tune onto are refused as a single type; inside a size budget their
-matrices stay float in the checkpoint and the exporter rounds them. They are Q8_0 (-127..127; AutoRound's symmetric 8 bits reach -128) and every 8-bit grid, whose
+matrices stay float in the checkpoint and the exporter rounds them. They are Q8_0
+(-127..127; AutoRound's symmetric 8 bits reach -128) and every 8-bit grid, whose
 integers do not read back exactly from the bfloat16 weights AutoRound leaves on CPU
 (READ_BACK_BITS). AutoRound leaves the logits' matrix in float; under a size budget it is
 solved as GPTQ solves it (`gptq.solve_head`, on the tuned model's final-norm inputs).
@@ -98,10 +99,7 @@ def decoder_grids(model, options: Options, context) -> tuple[dict[str, Grid | No
                   for n in names}
         plan = {**plan, "grids": grids}
     for name, grid in chosen.items():
-        inputs = model.get_submodule(name).in_features
-        if grid is not None and inputs % grid.group:
-            raise UserError(f"AutoRound group size {grid.group} does not divide {name}'s "
-                            f"{inputs} inputs: choose a group size that does")
+        gptq.check_group_divides(name, model.get_submodule(name), grid, "AutoRound")
     return chosen, plan
 
 

@@ -185,9 +185,7 @@ def quantize_layer(layer: torch.nn.Module, inputs, grid_for, options: Options, p
     linears = linear_layers(layer)
     grids = {name: grid_for(f"{prefix}.{name}") for name in linears}
     for name, module in linears.items():
-        if grids[name] is not None and module.in_features % grids[name].group:
-            raise UserError(f"GPTQ group size {grids[name].group} does not divide {prefix}.{name}'s "
-                            f"{module.in_features} inputs: choose a group size that does")
+        check_group_divides(f"{prefix}.{name}", module, grids[name])
     one_pass = awq_for(options) or not options.true_sequential  # AWQ searches on all of them
     hessians = collect_hessians(layer, inputs) if one_pass else {}
     if awq_for(options):
@@ -214,6 +212,14 @@ def quantize_layer(layer: torch.nn.Module, inputs, grid_for, options: Options, p
         if module not in solved or part == "bias":  # biases stay float beside the integers
             stored[name] = tensor
     return stored
+
+
+def check_group_divides(name: str, linear: torch.nn.Linear, grid: Grid | None,
+                        method: str = "GPTQ") -> None:
+    """Refuse a grid whose groups do not tile the linear's inputs (None: left in float)."""
+    if grid is not None and linear.in_features % grid.group:
+        raise UserError(f"{method} group size {grid.group} does not divide {name}'s "
+                        f"{linear.in_features} inputs: choose a group size that does")
 
 
 def solve_group(linears: dict, names: list[str], hessian: torch.Tensor, grid: Grid,
