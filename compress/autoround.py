@@ -21,6 +21,7 @@ The library is an optional dependency (`pip install 'edgellm[autoround]'`).
 from __future__ import annotations
 
 import importlib.metadata
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -117,6 +118,8 @@ def layer_config(grids: dict[str, Grid | None]) -> dict[str, dict]:
 
 
 def apply(source: Path, dest: Path, options: Options, context) -> None:
+    from rich.progress import Progress
+
     from edgellm.compress.calibration import calibration_ids
 
     library_version()
@@ -125,12 +128,33 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
     ids = calibration_ids(source, cal.text, options.samples or cal.samples, cal.seqlen)
     model = load_float(source)
     grids, plan = decoder_grids(model, options, context)
-    if context.console is not None:
-        label = next(iter(grids.values())).label if plan is None else "a type per tensor"
-        context.console.print(f"autoround: {label} on {len(ids)}×{ids.shape[1]} calibration "
-                              f"tokens, {options.iters} steps a block")
-    tune(model, source, ids, grids, options)
+    label = next(iter(grids.values())).label if plan is None else "a type per tensor"
+    with Progress(console=context.console, transient=True) as progress:
+        progress.console.print(f"autoround: {label} on {len(ids)}×{ids.shape[1]} calibration "
+                               f"tokens, {options.iters} steps a block")
+        with block_progress(model.model.layers, progress):
+            tune(model, source, ids, grids, options)
     write_checkpoint(model, source, dest, ids, grids, plan, options)
+
+
+@contextmanager
+def block_progress(blocks, progress):
+    """Show which decoder block the library is tuning in edgellm's rich progress (the CLI
+    turns tqdm bars off, the library's among them). It tunes the blocks in order, so a
+    block's first call is its turn."""
+    task = progress.add_task("autoround", total=len(blocks))
+
+    def turn(index: int):
+        return lambda _module, _args: progress.update(
+            task, completed=index, description=f"autoround block {index + 1}/{len(blocks)}")
+
+    hooks = [block.register_forward_pre_hook(turn(i)) for i, block in enumerate(blocks)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        progress.update(task, completed=len(blocks))
 
 
 def load_float(source: Path):

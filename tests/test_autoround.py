@@ -60,6 +60,24 @@ def test_autoround_integers_are_carried_into_mlx_and_are_tuned(tmp_path, tiny_ll
     assert moved > 0  # tuned: not the grid's round-to-nearest at full range
 
 
+def test_block_progress_follows_the_blocks_the_library_tunes(tiny_llama):
+    import torch
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from edgellm.compress.autoround import block_progress, load_float
+
+    model, seen = load_float(tiny_llama), []
+    with Progress(console=Console(quiet=True)) as progress:
+        with block_progress(model.model.layers, progress):
+            model.model.layers[1].mlp.register_forward_hook(
+                lambda *_: seen.append(progress.tasks[0].description))
+            model(input_ids=torch.tensor([[1, 2, 3]]))
+        assert seen == ["autoround block 2/2"]
+        assert progress.tasks[0].completed == 2
+    assert not model.model.layers[0]._forward_pre_hooks
+
+
 def test_autoround_onto_q4_0_is_stored_in_the_gguf_blocks(tmp_path, tiny_llama):
     import gguf
 
