@@ -38,6 +38,8 @@ PACKAGE = "auto-round"
 # weights: 8 significant bits, so an integer k steps from the zero point reads back
 # exactly while k·2^-8 < 1/2, i.e. on grids of up to 7 bits (8-bit grids: GPTQ)
 READ_BACK_BITS = 7
+# in each step's cache key; 2: blocks of several kinds (Gemma 3) tuned on their own inputs
+REVISION = 2
 
 
 class Options(BaseModel):
@@ -79,7 +81,7 @@ def single_grid(options: Options, context) -> Grid:
 def identity(options: Options, context) -> dict:
     """The tuning settings, the grid (or the budget) and the library's version."""
     chosen = {**options.model_dump(exclude={"bits", "group_size"}),
-              "library": f"{PACKAGE} {library_version()}"}
+              "library": f"{PACKAGE} {library_version()}", "revision": REVISION}
     check_budget_options(options, context)
     if gptq.budget_of(context) is not None:
         return {**chosen, "grid": "per-tensor", "max_size_mb": gptq.budget_of(context),
@@ -183,7 +185,17 @@ def tune(model, source: Path, ids: torch.Tensor, grids: dict[str, Grid | None],
         alg_configs=SignRoundConfig(iters=options.iters, lr=options.lr),
         nsamples=len(ids), seqlen=ids.shape[1], batch_size=min(options.batch_size, len(ids)),
         device_map="cpu", enable_torch_compile=False)  # bfloat16 on CPU (amp): twice as fast
+    if layer_kinds(model.config) > 1:
+        # the library replays block 0's rope and mask to every block unless told its blocks
+        # differ (it says so itself only for Gemma 4): Gemma 3's global layers would be
+        # tuned on the sliding layers' rope, and the chain of targets after them drifts
+        rounder.has_variable_block_shape = True
     rounder.quantize()
+
+
+def layer_kinds(config) -> int:
+    """How many kinds of decoder layer (sliding/full attention) the model has."""
+    return len(set(getattr(config, "layer_types", None) or ())) or 1
 
 
 def integers(module: torch.nn.Module, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

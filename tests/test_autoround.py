@@ -167,3 +167,37 @@ def test_autoround_onto_int4_is_stored_in_the_matmulnbits_nodes(tmp_path, tiny_l
         hf = f"model.layers.{layer}"
         stored = _matmulnbits_weights(target / "model.onnx", f"{hf}.mlp.down_proj")
         assert np.array_equal(stored, solved[f"{hf}.mlp.down_proj.weight"].numpy())
+
+
+def test_each_gemma3_block_is_tuned_on_its_own_rope(tmp_path):
+    """The library replays block 0's inputs to every block; Gemma 3's full-attention layer
+    has another rope (and mask) than its sliding layer 0, so it must get its own."""
+    import torch
+    from families import build_family
+
+    from edgellm.compress import autoround
+    from edgellm.compress.hessians import linear_layers
+    from edgellm.grids import NBits
+
+    folder = build_family("gemma3", tmp_path / "gemma3")
+    model = autoround.load_float(folder)
+    grids = {f"model.layers.{i}.{name}": NBits(4, 32, False)
+             for i, layer in enumerate(model.model.layers) for name in linear_layers(layer)}
+    kinds, matched = model.config.layer_types, []
+    assert kinds == ["sliding_attention", "full_attention"]
+
+    def check(kind):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            positions = torch.arange(hidden.shape[1])[None]
+            cos = model.model.rotary_emb(hidden, positions, kind)[0]
+            matched.append((kind, torch.allclose(kwargs["position_embeddings"][0].float(),
+                                                 cos.float(), atol=1e-2)))
+        return hook
+
+    for layer, kind in zip(model.model.layers, kinds):
+        layer.register_forward_pre_hook(check(kind), with_kwargs=True)
+    ids = torch.randint(3, 200, (4, 64), generator=torch.Generator().manual_seed(0))
+    autoround.tune(model, folder, ids, grids, autoround.Options(iters=2))
+    assert {kind for kind, _ in matched} == set(kinds)  # both blocks were tuned
+    assert all(ok for _, ok in matched), matched
