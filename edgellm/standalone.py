@@ -21,6 +21,7 @@ from edgellm.models import (
 )
 from edgellm.resources import check_room, count_parameters, export_need, load_need
 from edgellm.runtimes.protocol import MeasureSpec, default_threads, measure_in_subprocess
+from edgellm.source_meta import source_bos
 from edgellm.tools import STEP_TOOLS, tool_versions
 
 
@@ -32,8 +33,10 @@ def eval_artifact(artifact: str, text: str, ctx: int, max_tokens: int | None,
     text_path = resolve_text(text)
     body, text_sha = read_text(text_path)
     with console.status("tokenizing"):
-        ids = tokenize(load_tokenizer(tokenizer_source), body, max_tokens)
-    token_windows(ids, ctx, source=str(text_path))
+        tokenizer = load_tokenizer(tokenizer_source)
+        ids = tokenize(tokenizer, body, max_tokens)
+    bos = source_bos(tokenizer_source, tokenizer)  # windows start as the pipeline's do
+    token_windows(ids, ctx, source=str(text_path), bos=bos)
     threads = threads or default_threads()
     with tempfile.TemporaryDirectory(prefix="edgellm-eval-") as tmp:
         import numpy as np
@@ -41,11 +44,11 @@ def eval_artifact(artifact: str, text: str, ctx: int, max_tokens: int | None,
         ids_path = Path(tmp) / "ids.npy"
         np.save(ids_path, ids)
         spec = MeasureSpec(fmt=fmt, artifact=str(path), ids_path=str(ids_path), ctx=ctx,
-                           decode_tokens=decode_tokens, threads=threads)
+                           decode_tokens=decode_tokens, threads=threads, bos=bos)
         measured = measure_in_subprocess(spec, Path(tmp))
     return {"artifact": str(path), "format": fmt, "size_bytes": artifact_size(path),
             "text": str(text_path), "sha256": text_sha, "tokens": measured["tokens_scored"],
-            "ctx": ctx, **measured}
+            "ctx": ctx, "bos": bos, **measured}
 
 
 def _artifact_kind(artifact: str) -> tuple[str, Path, ModelSource]:

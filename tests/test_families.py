@@ -180,8 +180,9 @@ def test_gemma3_gguf_lists_each_layers_attention_kind(family_models, tmp_path):
 
 
 def test_a_tokenizer_that_adds_bos_starts_every_window_with_it(family_models, tmp_path):
-    """Llama 3's tokenizer puts BOS first: the run says so, and llama.cpp scores the same
-    BOS-led windows as torch (the GGUF records add_bos_token from the tokenizer)."""
+    """Llama 3's tokenizer puts BOS first: the run says so, llama.cpp scores the same
+    BOS-led windows as torch (the GGUF records add_bos_token from the tokenizer), and so
+    does `edgellm eval` of that GGUF alone."""
     import shutil
 
     import gguf
@@ -208,3 +209,10 @@ export = { format = "gguf", weights = "f16" }
     assert abs(rows["gguf-f16"]["ppl_delta_pct"]) < 0.5
     fields = gguf.GGUFReader(tmp_path / "out" / "gguf-f16" / "model.gguf").fields
     assert bool(fields["tokenizer.ggml.add_bos_token"].contents())
+    # `edgellm eval` of the same file scores the same BOS-led windows as the run
+    evaluated = run_cli("eval", tmp_path / "out" / "gguf-f16" / "model.gguf", "--ctx", 64,
+                        "--max-tokens", 512, "--decode-tokens", 4, "--threads", 1, "--json")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    alone = json.loads(evaluated.stdout)
+    assert alone["bos"] == 1 and alone["tokens"] == 8 * 63
+    assert alone["ppl"] == pytest.approx(rows["gguf-f16"]["ppl"], rel=1e-6)
