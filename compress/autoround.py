@@ -244,7 +244,7 @@ def write_checkpoint(model, source: Path, dest: Path, ids: torch.Tensor,
     if plan is None:
         gptq.write_quant_config(dest, next(iter(grids.values())), settings)
     else:
-        gptq.write_mixed_config(dest, {**plan["grids"], **grids}, plan["record"], settings)
+        gptq.write_mixed_config(dest, {**plan["grids"], **grids}, plan, settings)
 
 
 @torch.no_grad()

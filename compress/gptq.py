@@ -27,7 +27,12 @@ from edgellm.compress.hessians import (
 )
 from edgellm.compress.solver import gptq_quantize
 from edgellm.errors import UserError
-from edgellm.gptq_checkpoint import PackedLinear, dynamic_overrides, to_checkpoint
+from edgellm.gptq_checkpoint import (
+    PackedLinear,
+    dynamic_overrides,
+    to_checkpoint,
+    write_plan_imatrix,
+)
 from edgellm.grids import (
     GRIDS,
     SHRINKS,
@@ -171,7 +176,7 @@ def apply(source: Path, dest: Path, options: Options, context) -> None:
     if plan is None:
         write_quant_config(dest, grid, solver_settings(options))
     else:
-        write_mixed_config(dest, grids, plan["record"], solver_settings(options))
+        write_mixed_config(dest, grids, plan, solver_settings(options))
 
 
 def quantize_layer(layer: torch.nn.Module, inputs, grid_for, options: Options, prefix: str,
@@ -316,12 +321,13 @@ def write_quant_config(dest: Path, grid: Grid, settings: dict) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def write_mixed_config(dest: Path, grids: dict[str, Grid | None], record: dict,
+def write_mixed_config(dest: Path, grids: dict[str, Grid | None], plan: dict,
                        settings: dict) -> None:
     """A checkpoint whose linears sit on several grids: the most common grid's settings as
     the checkpoint's, GPTQModel `dynamic` overrides for the others ("-:" for linears left
     in float), each linear's grid (`edgellm_grids`) and the budget's plan, which the GGUF
-    exporter writes as it is (`edgellm_tensor_types`)."""
+    exporter writes as it is (`edgellm_tensor_types`), with the importance matrix the plan
+    was priced with where it has one (GGUF: llama.cpp rounds the tensors left to it by it)."""
     from collections import Counter
 
     def grid_settings(grid: Grid) -> tuple[int, int, bool]:
@@ -340,6 +346,8 @@ def write_mixed_config(dest: Path, grids: dict[str, Grid | None], record: dict,
         "edgellm_grid": "mixed",
         "dynamic": dynamic_overrides({m: g and grid_settings(g) for m, g in grids.items()}, base),
         "edgellm_grids": {m: g and g.label for m, g in sorted(grids.items())},
-        "edgellm_tensor_types": record,
+        "edgellm_tensor_types": plan["record"],
     }
+    if plan.get("imatrix") is not None:
+        write_plan_imatrix(dest, plan["imatrix"])
     path.write_text(json.dumps(config, indent=2) + "\n")

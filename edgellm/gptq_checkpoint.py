@@ -25,6 +25,9 @@ from edgellm.errors import UserError
 from edgellm.grids import NBits, dequantize
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
+# beside a checkpoint solved under a GGUF budget: the importance matrix the plan was priced
+# with (the float model's), which llama.cpp's quantizer then uses for the tensors left to it
+PLAN_IMATRIX = "edgellm_imatrix.npz"
 
 
 @dataclass
@@ -99,6 +102,19 @@ def gptq_config(config: dict) -> dict | None:
 def is_gptq_folder(folder: Path) -> bool:
     path = Path(folder) / "config.json"
     return path.is_file() and gptq_config(json.loads(path.read_text())) is not None
+
+
+def write_plan_imatrix(dest: Path, matrix: dict[str, np.ndarray]) -> None:
+    np.savez(Path(dest) / PLAN_IMATRIX, **matrix)
+
+
+def read_plan_imatrix(folder: Path) -> dict[str, np.ndarray] | None:
+    """The importance matrix a budget checkpoint carries, None where it carries none."""
+    path = Path(folder) / PLAN_IMATRIX
+    if not path.is_file():
+        return None
+    with np.load(path) as stored:
+        return {name: stored[name] for name in stored.files}
 
 
 def read_packed(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str, PackedLinear]:

@@ -163,7 +163,7 @@ def check_gptq_blocks_carried_under_the_budget(out, plan, budget_mb):
     import gguf
     import numpy as np
 
-    from edgellm.gptq_checkpoint import dequantized_state
+    from edgellm.gptq_checkpoint import dequantized_state, read_plan_imatrix
 
     path = out / "gptq-budget" / "model.gguf"
     carried = json.loads((out / "gptq-budget" / "allocation.json").read_text())
@@ -190,6 +190,14 @@ def check_gptq_blocks_carried_under_the_budget(out, plan, budget_mb):
     config = json.loads((step / "config.json").read_text())["quantization_config"]
     assert config["edgellm_grid"] == "mixed"
     assert config["edgellm_tensor_types"]["tensor_types"] == plan["tensor_types"]
+    # llama.cpp rounds what GPTQ left with the matrix the plan was priced with (the float
+    # model's, carried by the checkpoint), not one recomputed on the solved model
+    (priced,) = (out / "_work").glob("ref-*/imatrix-*.npz")
+    carried = read_plan_imatrix(step)
+    with np.load(priced) as stored:
+        assert sorted(carried) == sorted(stored.files)
+        assert all(np.array_equal(carried[name], stored[name]) for name in stored.files)
+    assert priced.parent.name != f"ref-{step.name.removeprefix('gptq-')}"
 
 
 def test_gptq_under_a_budget_takes_its_grids_from_the_budget(tmp_path, tiny_llama):

@@ -88,15 +88,19 @@ class GgufFormat(Format):
             return None
         from edgellm.export.gguf_budget import budget_plan, plan_modules
 
-        record = budget_plan(model_dir, spec, work, imatrix_for(model_dir, work, calibration),
-                             calibration)
-        return {"modules": plan_modules(model_dir, record), "record": record}
+        imatrix = imatrix_for(model_dir, work, calibration)
+        record = budget_plan(model_dir, spec, work, imatrix, calibration)
+        return {"modules": plan_modules(model_dir, record), "record": record, "imatrix": imatrix}
 
     def export(self, model_dir: Path, staging: Path, spec, name: str, work: Path,
                calibration=None) -> Path:
         from edgellm.export.gguf import export_gguf
+        from edgellm.gptq_checkpoint import read_plan_imatrix
 
-        imatrix = imatrix_for(model_dir, work, calibration) if spec.imatrix else None
+        imatrix = None
+        if spec.imatrix:  # under a budget, a checkpoint solved for it carries the plan's
+            carried = read_plan_imatrix(model_dir) if spec.max_size_mb is not None else None
+            imatrix = carried or imatrix_for(model_dir, work, calibration)
         if spec.max_size_mb is not None:
             from edgellm.export.gguf_budget import export_budget_gguf
 
