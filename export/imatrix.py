@@ -48,9 +48,10 @@ def compute_imatrix(model_dir: Path, text: str, samples: int, seqlen: int,
         target = name_map.get_name(module_name + ".weight", try_suffixes=(".weight",))
         if isinstance(module, torch.nn.Linear) and target and module_name != "lm_head":
             handles.append(module.register_forward_hook(hook(target)))
-    with torch.inference_mode():
+    with torch.inference_mode():  # the decoder alone: lm_head is not weighed, so no logits
         for window in windows:
-            model(input_ids=torch.from_numpy(window.astype(np.int64))[None], use_cache=False)
+            model.base_model(input_ids=torch.from_numpy(window.astype(np.int64))[None],
+                             use_cache=False)
     for handle in handles:
         handle.remove()
     matrix = {name: (sums[name] / counts[name]).numpy().astype(np.float32) for name in sums}
