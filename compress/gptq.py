@@ -327,7 +327,7 @@ def write_mixed_config(dest: Path, grids: dict[str, Grid | None], plan: dict,
     the checkpoint's, GPTQModel `dynamic` overrides for the others ("-:" for linears left
     in float), each linear's grid (`edgellm_grids`) and the budget's plan, which the GGUF
     exporter writes as it is (`edgellm_tensor_types`), with the importance matrix the plan
-    was priced with where it has one (GGUF: llama.cpp rounds the tensors left to it by it)."""
+    was priced with where it has one (GGUF: llama.cpp rounds the tensors left to it with it)."""
     from collections import Counter
 
     def grid_settings(grid: Grid) -> tuple[int, int, bool]:

@@ -193,10 +193,10 @@ def check_gptq_blocks_carried_under_the_budget(out, plan, budget_mb):
     # llama.cpp rounds what GPTQ left with the matrix the plan was priced with (the float
     # model's, carried by the checkpoint), not one recomputed on the solved model
     (priced,) = (out / "_work").glob("ref-*/imatrix-*.npz")
-    carried = read_plan_imatrix(step)
+    matrix = read_plan_imatrix(step)
     with np.load(priced) as stored:
-        assert sorted(carried) == sorted(stored.files)
-        assert all(np.array_equal(carried[name], stored[name]) for name in stored.files)
+        assert sorted(matrix) == sorted(stored.files)
+        assert all(np.array_equal(matrix[name], stored[name]) for name in stored.files)
     assert priced.parent.name != f"ref-{step.name.removeprefix('gptq-')}"
 
 
