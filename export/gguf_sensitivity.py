@@ -19,6 +19,7 @@ import numpy as np
 
 from edgellm.artifacts import sha256_json
 from edgellm.export.allocation import cached_table
+from edgellm.export.gguf_index import read_rows, tensor_index
 
 
 def fisher_columns(model_dir: Path, calibration, work: Path) -> dict[str, np.ndarray]:
@@ -56,8 +57,7 @@ def _measured_table(f32_gguf: Path, fisher: dict[str, np.ndarray], candidates: t
                     work: Path, imatrix: dict | None) -> dict:
     """damage_table's value, computed: each candidate's pure file written by llama.cpp and
     read back matrix by matrix."""
-    weights = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(f32_gguf).tensors
-               if len(t.shape) == 2}
+    weights = {name: rounded for name, _kind, _nbytes, rounded in _matrices(f32_gguf)}
     fallback = float(np.mean([f.mean() for f in fisher.values()]))  # a tensor no parameter maps to
     table: dict[str, dict[str, tuple[int, float]]] = {name: {} for name in weights}
     for candidate in dict.fromkeys((*candidates, "q8_0")):  # q8_0 also measures the fixed bytes
@@ -91,8 +91,10 @@ def _pure_file(f32_gguf: Path, candidate: str, work: Path, imatrix: dict | None)
 
 
 def _matrices(path: Path):
-    """(name, ggml type, bytes, dequantized values) of each matrix of a GGUF."""
-    for tensor in gguf.GGUFReader(path).tensors:
-        if len(tensor.shape) == 2:
-            values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
-            yield tensor.name, tensor.tensor_type.name, int(tensor.n_bytes), values
+    """(name, ggml type, bytes, dequantized values) of each matrix of a GGUF (its header
+    read by ggml's parser: gguf-py's takes seconds a file over a large vocabulary)."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for name, span in tensor_index(path).items():
+        if len(span.shape) == 2:
+            values = gguf.quants.dequantize(read_rows(data, span), span.kind)
+            yield name, span.kind.name, span.nbytes, values.reshape(span.shape)
