@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,15 +65,14 @@ def _ggml():
 def tensor_index(path: Path) -> dict[str, TensorSpan]:
     """{tensor name: its span}, in the file's order."""
     lib = _ggml()
-    handle = lib.gguf_init_from_file(str(path).encode(), _InitParams(True, None))
+    handle = lib.gguf_init_from_file(os.fsencode(path), _InitParams(True, None))
     if not handle:
         raise ValueError(f"{path}: not a GGUF file ggml can read")
     try:
         base = lib.gguf_get_data_offset(handle)
         spans = {}
         for i in range(lib.gguf_get_n_tensors(handle)):
-            ne = lib.gguf_get_tensor_ne(handle, i)[:GGML_MAX_DIMS]
-            dims = [n for n in ne]
+            dims = lib.gguf_get_tensor_ne(handle, i)[:GGML_MAX_DIMS]
             while len(dims) > 1 and dims[-1] == 1:  # ggml pads unused dimensions with 1
                 dims.pop()
             spans[lib.gguf_get_tensor_name(handle, i).decode()] = TensorSpan(

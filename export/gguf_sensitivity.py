@@ -4,7 +4,8 @@ The damage of replacing weights W by Ŵ is ½ Σ F ⊙ (W − Ŵ)² with F the d
 information per column (export/fisher.py), mapped onto GGUF tensor names (llama.cpp's
 converter permutes some rows, never columns). Ŵ is what llama.cpp itself writes: the f32 GGUF is
 quantized once per candidate type (`pure`, with the importance matrix), and each tensor
-read back and dequantized by gguf-py. No maintained library prices llama.cpp's own
+found by ggml's header parser (export/gguf_index.py) and dequantized by gguf-py. No
+maintained library prices llama.cpp's own
 per-tensor rounding on the user's model; llama.cpp's quantizer and gguf-py do the rounding
 and the decoding, the Fisher pass is torch autograd.
 """
