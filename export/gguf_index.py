@@ -1,9 +1,9 @@
 """Where each tensor of a GGUF file lies (ggml type, shape, bytes), read by ggml's own C
 parser in the llama-cpp-python build the exports already use.
 
-gguf-py's GGUFReader parses every metadata array element by element in Python: about 4 s
+gguf-py's GGUFReader parses every metadata array element by element in Python: about 2 s
 a file for SmolLM2's 49,152-token vocabulary and merges, which the sensitivity table paid
-once per candidate type. ggml's `gguf_init_from_file` (no tensor data allocated) reads the
+once per candidate type and once for the f32 file. ggml's `gguf_init_from_file` (no tensor data allocated) reads the
 same header in milliseconds. llama-cpp-python binds llama.h but not gguf.h, so the calls
 used here are declared here, from gguf.h at the runtime's commit.
 """

@@ -5,9 +5,9 @@ information per column (export/fisher.py), mapped onto GGUF tensor names (llama.
 converter permutes some rows, never columns). Ŵ is what llama.cpp itself writes: the f32 GGUF is
 quantized once per candidate type (`pure`, with the importance matrix), and each tensor
 found by ggml's header parser (export/gguf_index.py) and dequantized by gguf-py. No
-maintained library prices llama.cpp's own
-per-tensor rounding on the user's model; llama.cpp's quantizer and gguf-py do the rounding
-and the decoding, the Fisher pass is torch autograd.
+maintained library prices llama.cpp's own per-tensor rounding on the user's model;
+llama.cpp's quantizer and gguf-py do the rounding and the decoding, the Fisher pass is
+torch autograd.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _measured_table(f32_gguf: Path, fisher: dict[str, np.ndarray], candidates: t
                     work: Path, imatrix: dict | None) -> dict:
     """damage_table's value, computed: each candidate's pure file written by llama.cpp and
     read back matrix by matrix."""
-    weights = {name: rounded for name, _kind, _nbytes, rounded in _matrices(f32_gguf)}
+    weights = {name: values for name, _kind, _nbytes, values in _matrices(f32_gguf)}
     fallback = float(np.mean([f.mean() for f in fisher.values()]))  # a tensor no parameter maps to
     table: dict[str, dict[str, tuple[int, float]]] = {name: {} for name in weights}
     for candidate in dict.fromkeys((*candidates, "q8_0")):  # q8_0 also measures the fixed bytes
