@@ -8,10 +8,11 @@ of the metadata and tensor table, checking each against the bytes that remain, a
 at the first one that cannot be true. It allocates nothing in proportion to a claimed size.
 
 The same walk keeps what it reads (`read_gguf_meta`): every metadata value with its type,
-and each tensor's element count. gguf-py's reader builds a numpy view per array item,
-which takes 20 s on Gemma 3's 262,144-token vocabulary against well under a second here,
-and edgellm reads a source's metadata several times per run (family, BOS, vocabulary,
-size), so each file is walked once per process.
+and each tensor's element count, type, shape and place in the file. gguf-py's reader
+builds a numpy view per array item, which takes 20 s on Gemma 3's 262,144-token vocabulary
+against well under a second here, and edgellm reads a source's metadata several times per
+run (family, BOS, vocabulary, size) and the sensitivity table each candidate's matrices, so
+each file is walked once per process.
 """
 
 from __future__ import annotations
@@ -20,9 +21,14 @@ import mmap
 import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
+from math import prod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgellm.errors import UserError
+
+if TYPE_CHECKING:
+    from gguf import GGMLQuantizationType
 
 GGUF_MAGIC = b"GGUF"
 HEADER_BYTES = 24  # magic, version (u32), tensor count (u64), metadata key count (u64)
@@ -54,17 +60,33 @@ def check_gguf_header(path: Path, header: bytes) -> None:
                         f"more than its {size} bytes can hold: the file is corrupt or crafted")
 
 
+@dataclass(frozen=True)
+class TensorSpan:
+    """One tensor of a GGUF: its ggml type, its shape as numpy orders it, where its bytes
+    are (from the start of the file) and how many."""
+
+    kind: GGMLQuantizationType
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
 @dataclass
 class GGUFMeta:
     """What the walk read: {key: (value type, array item type or None, value)},
-    {tensor name: element count} and {tensor name: (ggml type name, bytes)}."""
+    {tensor name: element count} and {tensor name: its span}, in the file's order."""
 
     fields: dict[str, tuple[int, int | None, object]] = field(default_factory=dict)
     tensors: dict[str, int] = field(default_factory=dict)
-    storage: dict[str, tuple[str, int]] = field(default_factory=dict)
+    spans: dict[str, TensorSpan] = field(default_factory=dict)
 
     def values(self, prefix: str | tuple[str, ...] = "") -> dict:
         return {k: v for k, (_, _, v) in self.fields.items() if k.startswith(prefix)}
+
+    @property
+    def storage(self) -> dict[str, tuple[str, int]]:
+        """{tensor name: (ggml type name, bytes)}."""
+        return {name: (span.kind.name, span.nbytes) for name, span in self.spans.items()}
 
 
 def check_gguf_layout(path: Path) -> None:
@@ -154,17 +176,15 @@ class _Walker:
                 raise UserError(f"model file {self.path} is corrupt: tensor {index} has {dims} "
                                 f"dimensions: download or export it again")
             start = self.take(8 * dims + 4 + 8, f"tensor {index} shape, type and offset")
-            elements = 1
-            for extent in struct.unpack_from(f"<{dims}Q", self.data, start):
-                elements *= extent
+            shape = struct.unpack_from(f"<{dims}Q", self.data, start)
             kind, offset = struct.unpack_from("<IQ", self.data, start + 8 * dims)
-            meta.tensors[name] = elements
-            extents.append((name, kind, elements, offset))
-        meta.storage = self.check_data(extents, meta.fields.get("general.alignment", (0, None, 32))[2])
+            meta.tensors[name] = elements = prod(shape)
+            extents.append((name, kind, shape[::-1], elements, offset))
+        meta.spans = self.check_data(extents, meta.fields.get("general.alignment", (0, None, 32))[2])
         return meta
 
-    def check_data(self, extents: list[tuple[str, int, int, int]],
-                   alignment) -> dict[str, tuple[str, int]]:
+    def check_data(self, extents: list[tuple[str, int, tuple[int, ...], int, int]],
+                   alignment) -> dict[str, TensorSpan]:
         """Each tensor's bytes (type's block size × elements, from its offset in the data
         section) must lie inside the file."""
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -173,8 +193,8 @@ class _Walker:
             raise UserError(f"model file {self.path} is corrupt: general.alignment is "
                             f"{alignment!r}: download or export it again")
         data_start = -(-self.pos // alignment) * alignment
-        storage = {}
-        for name, kind, elements, offset in extents:
+        spans = {}
+        for name, kind, shape, elements, offset in extents:
             try:
                 block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
             except (ValueError, KeyError):
@@ -186,5 +206,6 @@ class _Walker:
                 raise UserError(f"model file {self.path} is truncated or corrupt (tensor {name} "
                                 f"ends at byte {end}, past its {len(self.data)} bytes): download "
                                 "or export it again")
-            storage[name] = (GGMLQuantizationType(kind).name, elements // block * size)
-        return storage
+            spans[name] = TensorSpan(GGMLQuantizationType(kind), shape, data_start + offset,
+                                     elements // block * size)
+        return spans

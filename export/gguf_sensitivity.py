@@ -4,7 +4,7 @@ The damage of replacing weights W by Ŵ is ½ Σ F ⊙ (W − Ŵ)² with F the d
 information per column (export/fisher.py), mapped onto GGUF tensor names (llama.cpp's
 converter permutes some rows, never columns). Ŵ is what llama.cpp itself writes: the f32 GGUF is
 quantized once per candidate type (`pure`, with the importance matrix), and each tensor
-found by ggml's header parser (export/gguf_index.py) and dequantized by gguf-py. No
+found by edgellm's GGUF walk (edgellm/gguf_bounds.py) and dequantized by gguf-py. No
 maintained library prices llama.cpp's own per-tensor rounding on the user's model;
 llama.cpp's quantizer and gguf-py do the rounding and the decoding, the Fisher pass is
 torch autograd.
@@ -20,7 +20,7 @@ import numpy as np
 
 from edgellm.artifacts import sha256_json
 from edgellm.export.allocation import cached_table
-from edgellm.export.gguf_index import read_rows, tensor_index
+from edgellm.gguf_bounds import TensorSpan, read_gguf_meta
 
 
 def fisher_columns(model_dir: Path, calibration, work: Path) -> dict[str, np.ndarray]:
@@ -92,10 +92,17 @@ def _pure_file(f32_gguf: Path, candidate: str, work: Path, imatrix: dict | None)
 
 
 def _matrices(path: Path):
-    """(name, ggml type, bytes, dequantized values) of each matrix of a GGUF (its header
-    read by ggml's parser: gguf-py's takes seconds a file over a large vocabulary)."""
+    """(name, ggml type, bytes, dequantized values) of each matrix of a GGUF (its tensor
+    table read by edgellm's walk: gguf-py's reader takes seconds a file over a large
+    vocabulary)."""
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    for name, span in tensor_index(path).items():
+    for name, span in read_gguf_meta(path).spans.items():
         if len(span.shape) == 2:
-            values = gguf.quants.dequantize(read_rows(data, span), span.kind)
+            values = gguf.quants.dequantize(_rows(data, span), span.kind)
             yield name, span.kind.name, span.nbytes, values.reshape(span.shape)
+
+
+def _rows(data: np.ndarray, span: TensorSpan) -> np.ndarray:
+    """The tensor's bytes in the file's map `data` (uint8), a row per row of the tensor:
+    what gguf.quants.dequantize takes for any type."""
+    return data[span.offset:span.offset + span.nbytes].reshape(span.shape[0], -1)
