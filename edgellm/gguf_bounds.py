@@ -209,3 +209,18 @@ class _Walker:
             spans[name] = TensorSpan(GGMLQuantizationType(kind), shape, data_start + offset,
                                      elements // block * size)
         return spans
+
+
+# ggml types gguf-py keeps as numbers of their own dtype; every other type is block bytes
+PLAIN_DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64", "I8": "int8",
+                "I16": "int16", "I32": "int32", "I64": "int64"}
+
+
+def tensor_array(data, span: TensorSpan):
+    """A tensor in the file's uint8 map `data` (np.memmap of the GGUF), as gguf-py's reader
+    gives it and its writer takes it: a plain type as its numbers in the tensor's shape,
+    a block type as its bytes, one row of bytes per row of the tensor."""
+    raw = data[span.offset:span.offset + span.nbytes]
+    if span.kind.name in PLAIN_DTYPES:
+        return raw.view(PLAIN_DTYPES[span.kind.name]).reshape(span.shape)
+    return raw.reshape(*span.shape[:-1], -1)

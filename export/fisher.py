@@ -19,11 +19,17 @@ from edgellm.artifacts import atomic_path, sha256_json
 FISHER_WINDOWS = 16  # calibration windows the Fisher pass reads (~10 s each for 135M on 2 cores)
 
 
+def fisher_cache(calibration, work: Path) -> Path:
+    """Where the Fisher pass of this calibration text is cached in `work`."""
+    key = sha256_json([calibration.text, calibration.seqlen, FISHER_WINDOWS])[:12]
+    return Path(work) / f"fisher-{key}.npz"
+
+
 def fisher_by_parameter(model_dir: Path, calibration, work: Path) -> dict[str, np.ndarray]:
     """{HF parameter name of each matrix: per-token Fisher averaged over rows, per column},
-    on the calibration text, cached in `work` (a folder of intermediates of this model)."""
-    key = sha256_json([calibration.text, calibration.seqlen, FISHER_WINDOWS])[:12]
-    cache = work / f"fisher-{key}.npz"
+    on the calibration text, cached in `work` (a folder of intermediates of this model).
+    A GGUF budget computes it inside the importance matrix's pass (export/imatrix.py)."""
+    cache = fisher_cache(calibration, work)
     if cache.is_file():
         with np.load(cache) as stored:
             return {name: stored[name] for name in stored.files}
@@ -34,23 +40,40 @@ def fisher_by_parameter(model_dir: Path, calibration, work: Path) -> dict[str, n
 
     windows = calibration_windows(model_dir, calibration.text, FISHER_WINDOWS,
                                   calibration.seqlen)
-    model = load_folder_model(model_dir)
-    params = {name: p for name, p in model.named_parameters() if p.dim() == 2}
-    for p in model.parameters():
-        p.requires_grad_(p.dim() == 2)
-    sums = {name: torch.zeros(p.shape[1]) for name, p in params.items()}
+    sums = FisherSums(load_folder_model(model_dir))
     for window in windows:
-        ids = torch.from_numpy(window.astype(np.int64))[None]
-        model.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        for name, p in params.items():
+        sums.add(torch.from_numpy(window.astype(np.int64))[None])
+    return sums.save(cache)
+
+
+class FisherSums:
+    """Σ over windows of T·(∂ mean loss / ∂W)² per matrix column: `add` runs one window
+    forward and backward (the model's matrices take gradients from here on), `save`
+    writes the per-token means."""
+
+    def __init__(self, model):
+        import torch
+
+        self.model, self.windows = model, 0
+        self.params = {name: p for name, p in model.named_parameters() if p.dim() == 2}
+        for p in model.parameters():
+            p.requires_grad_(p.dim() == 2)
+        self.sums = {name: torch.zeros(p.shape[1]) for name, p in self.params.items()}
+
+    def add(self, ids) -> None:
+        self.model.zero_grad(set_to_none=True)
+        self.model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        for name, p in self.params.items():
             if p.grad is not None:  # ∇ of the mean over T tokens: T·E[g²] is per token
-                sums[name] += (p.grad.float() ** 2).sum(dim=0) * (len(window) - 1)
-    fisher = {name: (total / (len(windows) * params[name].shape[0])).numpy().astype(np.float32)
-              for name, total in sums.items()}
-    with atomic_path(cache) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **fisher)
-    return fisher
+                self.sums[name] += (p.grad.float() ** 2).sum(dim=0) * (ids.shape[1] - 1)
+        self.windows += 1
+
+    def save(self, cache: Path) -> dict[str, np.ndarray]:
+        fisher = {name: (total / (self.windows * self.params[name].shape[0])).numpy()
+                  .astype(np.float32) for name, total in self.sums.items()}
+        with atomic_path(cache) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, **fisher)
+        return fisher
 
 
 def float_matrices(model_dir: Path) -> dict[str, np.ndarray]:

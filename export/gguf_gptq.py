@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from edgellm.artifacts import atomic_path
 from edgellm.errors import UserError
+from edgellm.gguf_bounds import GGUFMeta, read_gguf_meta, tensor_array
 from edgellm.gptq_checkpoint import PackedLinear, gptq_config, read_packed
 from edgellm.grids import GGUF_GRIDS, GgufGrid, same_grid
 
@@ -47,8 +48,9 @@ def write_gptq_gguf(folder: Path, out_path: Path, weights: str, work: Path) -> N
     grid = GGUF_GRIDS[weights]()
     linears = packed_linears(folder)
     rows = RowIndex(linears, dict.fromkeys(linears, grid))
-    reader = gguf.GGUFReader(source)
-    write_like(reader, out_path, ((t.name, *encode_tensor(t, rows, grid)) for t in reader.tensors),
+    meta, data = read_gguf_meta(source), np.memmap(source, dtype=np.uint8, mode="r")
+    write_like(meta, out_path, ((name, *encode_tensor(tensor_array(data, span), rows, grid))
+                                for name, span in meta.spans.items()),
                file_type=gguf.LlamaFileType[grid.file_type])
     if rows.unused:
         raise UserError(f"GPTQ linears {', '.join(sorted(rows.unused)[:3])} of {folder} were not "
@@ -102,9 +104,9 @@ def row_hash(row: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(row, dtype=np.float32).tobytes(), digest_size=16).digest()
 
 
-def encode_tensor(tensor, rows: RowIndex, grid: GgufGrid):
+def encode_tensor(values: np.ndarray, rows: RowIndex, grid: GgufGrid):
     """(data, raw GGML type or None) for one tensor of the f32 GGUF."""
-    data = np.asarray(tensor.data, dtype=np.float32)
+    data = np.asarray(values, dtype=np.float32)
     if data.ndim != 2:
         return data, None
     found = rows.rows_of(data)
@@ -123,15 +125,17 @@ def carry_gptq_blocks(folder: Path, path: Path, f32_gguf: Path) -> int:
     matrices were carried."""
     linears = packed_linears(folder)
     rows = RowIndex(linears, checkpoint_grids(folder, linears))
-    written = gguf.GGUFReader(path)
-    types = {t.name: t.tensor_type.name for t in written.tensors}
+    written, written_data = read_gguf_meta(path), np.memmap(path, dtype=np.uint8, mode="r")
+    source, source_data = read_gguf_meta(f32_gguf), np.memmap(f32_gguf, dtype=np.uint8, mode="r")
     carried = {}
-    for tensor in gguf.GGUFReader(f32_gguf).tensors:
-        if len(tensor.shape) == 2:
-            found = rows.rows_of(np.asarray(tensor.data, dtype=np.float32))
-            if found is not None and found[1] == types.get(tensor.name):
-                carried[tensor.name] = found[0]
-    tensors = ((t.name, carried.get(t.name, t.data), t.tensor_type) for t in written.tensors)
+    for name, span in source.spans.items():
+        if len(span.shape) == 2:
+            found = rows.rows_of(np.asarray(tensor_array(source_data, span), dtype=np.float32))
+            if found is not None and name in written.spans and \
+                    found[1] == written.spans[name].kind.name:
+                carried[name] = found[0]
+    tensors = ((name, carried.get(name, tensor_array(written_data, span)), span.kind)
+               for name, span in written.spans.items())
     write_like(written, path, ((name, data, kind if data.dtype == np.uint8 else None)
                                for name, data, kind in tensors))
     return len(carried)
@@ -148,13 +152,13 @@ def checkpoint_grids(folder: Path, linears: dict[str, PackedLinear]) -> dict[str
     return dict.fromkeys(linears, GGUF_GRIDS[fitting[0]]()) if fitting else {}
 
 
-def write_like(reader: gguf.GGUFReader, out_path: Path, tensors, file_type=None) -> None:
-    """Write `out_path` atomically with `reader`'s metadata (its file type replaced when one
-    is given) and `tensors`, (name, data, raw GGML type or None) in file order."""
-    arch = str(reader.fields["general.architecture"].contents())
+def write_like(meta: GGUFMeta, out_path: Path, tensors, file_type=None) -> None:
+    """Write `out_path` atomically with the metadata of a GGUF read by edgellm's walk (its
+    file type replaced when one is given) and `tensors`, (name, data, raw GGML type or None)
+    in file order."""
     with atomic_path(out_path) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
-        copy_fields(reader, writer, file_type)
+        writer = gguf.GGUFWriter(tmp, str(meta.fields["general.architecture"][2]))
+        copy_fields(meta, writer, file_type)
         for name, data, raw in tensors:
             writer.add_tensor(name, data, raw_dtype=raw)
         writer.write_header_to_file()
@@ -163,14 +167,13 @@ def write_like(reader: gguf.GGUFReader, out_path: Path, tensors, file_type=None)
         writer.close()
 
 
-def copy_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, file_type=None) -> None:
+def copy_fields(meta: GGUFMeta, writer: gguf.GGUFWriter, file_type=None) -> None:
     """Every metadata field of a GGUF, its file type replaced when one is given."""
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+    for key, (kind, item, value) in meta.fields.items():
+        if key == "general.architecture":
             continue
         if key == "general.file_type" and file_type is not None:
             writer.add_file_type(file_type)
             continue
-        kind = field.types[0]
-        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), kind, sub)
+        writer.add_key_value(key, value, gguf.GGUFValueType(kind),
+                             None if item is None else gguf.GGUFValueType(item))

@@ -21,44 +21,79 @@ from edgellm.source_meta import bos_of_folder
 
 
 def compute_imatrix(model_dir: Path, text: str, samples: int, seqlen: int,
-                    cache: Path) -> dict[str, np.ndarray]:
-    """{GGUF tensor name: mean of squared inputs per column}; cached in `cache` (.npz)."""
+                    cache: Path, fisher_cache: Path | None = None) -> dict[str, np.ndarray]:
+    """{GGUF tensor name: mean of squared inputs per column}; cached in `cache` (.npz).
+
+    With `fisher_cache` (a GGUF size budget needs both), a missing Fisher pass is computed
+    in the same pass and written there: its windows are this pass's first ones, so they run
+    forward and backward once (export/fisher.py) instead of forward twice, and the model
+    loads once (16 of SmolLM2's 64 windows: about 15 s on 2 cores)."""
     if cache.is_file():
         with np.load(cache) as stored:
             return {name: stored[name] for name in stored.files}
     import torch
 
+    from edgellm.export.fisher import FISHER_WINDOWS, FisherSums
     from edgellm.models import load_folder_model
 
-    name_map = gguf_name_map(model_dir)
-    windows = calibration_windows(model_dir, text, samples, seqlen)
     model = load_folder_model(model_dir)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name):
-        def collect(_module, inputs, _output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + (x * x).sum(dim=0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return collect
-
-    handles = []
-    for module_name, module in model.named_modules():
-        target = name_map.get_name(module_name + ".weight", try_suffixes=(".weight",))
-        if isinstance(module, torch.nn.Linear) and target and module_name != "lm_head":
-            handles.append(module.register_forward_hook(hook(target)))
-    with torch.inference_mode():  # the decoder alone: lm_head is not weighed, so no logits
-        for window in windows:
-            model.base_model(input_ids=torch.from_numpy(window.astype(np.int64))[None],
-                             use_cache=False)
-    for handle in handles:
-        handle.remove()
-    matrix = {name: (sums[name] / counts[name]).numpy().astype(np.float32) for name in sums}
+    squares = InputSquares(model, gguf_name_map(model_dir))
+    fisher = FisherSums(model) if fisher_cache and not fisher_cache.is_file() else None
+    count = max(samples, FISHER_WINDOWS) if fisher else samples
+    for index, window in enumerate(calibration_windows(model_dir, text, count, seqlen)):
+        ids = torch.from_numpy(window.astype(np.int64))[None]
+        squares.active = index < samples
+        if fisher and index < FISHER_WINDOWS:
+            fisher.add(ids)
+        elif squares.active:
+            with torch.inference_mode():  # the decoder alone: lm_head is not weighed
+                model.base_model(input_ids=ids, use_cache=False)
+    squares.close()
+    if fisher:
+        fisher.save(fisher_cache)
+    matrix = squares.means()
     tmp = cache.with_name(cache.stem + ".partial.npz")
     np.savez(tmp, **matrix)
     tmp.replace(cache)
     return matrix
+
+
+class InputSquares:
+    """Forward hooks summing the squared inputs of every linear of the decoder (lm_head is
+    not weighed), per GGUF tensor, while `active`; linears reading one tensor (q/k/v,
+    gate/up) square it once."""
+
+    def __init__(self, model, name_map: gguf.TensorNameMap):
+        import torch
+
+        self.active, self.sums, self.counts, self.handles = True, {}, {}, []
+        self.last: tuple[int, object] | None = None  # (id of the last input, its squares)
+        for module_name, module in model.named_modules():
+            target = name_map.get_name(module_name + ".weight", try_suffixes=(".weight",))
+            if isinstance(module, torch.nn.Linear) and target and module_name != "lm_head":
+                self.handles.append(module.register_forward_hook(self.hook(target)))
+
+    def hook(self, name: str):
+        def collect(_module, inputs, _output):
+            if not self.active:
+                return
+            x = inputs[0]
+            if self.last is None or self.last[0] is not x:
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                self.last = (x, ((flat * flat).sum(dim=0), flat.shape[0]))
+            total, rows = self.last[1]
+            self.sums[name] = self.sums[name] + total if name in self.sums else total.clone()
+            self.counts[name] = self.counts.get(name, 0) + rows
+        return collect
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.last = None
+
+    def means(self) -> dict[str, np.ndarray]:
+        return {name: (self.sums[name] / self.counts[name]).numpy().astype(np.float32)
+                for name in self.sums}
 
 
 def calibration_windows(model_dir: Path, text: str, samples: int, seqlen: int) -> list[np.ndarray]:

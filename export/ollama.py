@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
-
 from edgellm.artifacts import write_text_atomic
+from edgellm.gguf_bounds import read_gguf_meta
 
 # Ollama's ChatML template (the form its library uses for ChatML models), with tools left out
 CHATML_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
@@ -25,7 +24,7 @@ CHATML_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
 
 def modelfile_text(gguf_path: Path) -> str:
     """The Modelfile for one GGUF file, which it names relative to itself (same folder)."""
-    fields = gguf.GGUFReader(gguf_path).fields
+    fields = read_gguf_meta(gguf_path).values()  # {key: value}
     template = _text(fields, "tokenizer.chat_template") or ""
     stops = []
     eos = _token(fields, "tokenizer.ggml.eos_token_id")
@@ -50,8 +49,8 @@ def write_modelfile(gguf_path: Path) -> Path:
 
 
 def _text(fields: dict, key: str) -> str | None:
-    field = fields.get(key)
-    return str(field.contents()) if field is not None else None
+    value = fields.get(key)
+    return str(value) if value is not None else None
 
 
 def _token(fields: dict, key: str) -> str | None:
@@ -59,9 +58,8 @@ def _token(fields: dict, key: str) -> str | None:
     token_id, tokens = fields.get(key), fields.get("tokenizer.ggml.tokens")
     if token_id is None or tokens is None:
         return None
-    index = int(token_id.contents())
-    names = tokens.contents()
-    return names[index] if 0 <= index < len(names) else None
+    index = int(token_id)
+    return tokens[index] if 0 <= index < len(tokens) else None
 
 
 def _quote(text: str) -> str:

@@ -24,6 +24,9 @@ def test_one_entry_per_linear_layer_named_as_in_gguf(tiny_imatrix):
     assert matrix["blk.1.ffn_down.weight"].shape == (128,)
     assert all(np.all(v > 0) for v in matrix.values())
     assert cache.is_file()
+    # q/k/v read one tensor (squared once), o_proj another
+    assert np.array_equal(matrix["blk.0.attn_q.weight"], matrix["blk.0.attn_v.weight"])
+    assert not np.allclose(matrix["blk.0.attn_q.weight"], matrix["blk.0.attn_output.weight"])
 
 
 def test_quantizer_uses_it_and_the_weights_change(tiny_llama, tiny_imatrix, tmp_path):
@@ -44,3 +47,26 @@ def test_imatrix_is_refused_where_it_means_nothing():
                    {"format": "onnx", "weights": "int4", "imatrix": True}):
         with pytest.raises(UserError, match="imatrix only applies"):
             parse_recipe({"variant": [{"name": "a", "export": export}]})
+
+
+@pytest.mark.parametrize("samples", [4, 20])
+def test_the_fisher_pass_shares_the_matrix_pass_and_both_come_out_as_alone(
+        tiny_llama, tmp_path, samples):
+    """A budget computes the Fisher pass inside the importance matrix's (its windows are the
+    first ones): same values as each computed alone, with fewer or more windows than it."""
+    from edgellm.export.fisher import fisher_by_parameter, fisher_cache
+    from edgellm.recipe import CalibrationSpec
+
+    calibration = CalibrationSpec(text="wikitext-2-valid", samples=samples, seqlen=64)
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    alone.mkdir(), shared.mkdir()
+    matrix = compute_imatrix(tiny_llama, calibration.text, samples, 64, alone / "m.npz")
+    fisher = fisher_by_parameter(tiny_llama, calibration, alone)
+    together = compute_imatrix(tiny_llama, calibration.text, samples, 64, shared / "m.npz",
+                               fisher_cache(calibration, shared))
+    assert fisher_cache(calibration, shared).is_file()
+    assert matrix.keys() == together.keys()
+    assert all(np.array_equal(matrix[name], together[name]) for name in matrix)
+    with np.load(fisher_cache(calibration, shared)) as stored:
+        assert stored.files and set(stored.files) == set(fisher)
+        assert all(np.array_equal(stored[name], fisher[name]) for name in fisher)

@@ -88,7 +88,7 @@ class GgufFormat(Format):
             return None
         from edgellm.export.gguf_budget import budget_plan, plan_modules
 
-        imatrix = imatrix_for(model_dir, work, calibration)
+        imatrix = imatrix_for(model_dir, work, calibration, with_fisher=True)
         record = budget_plan(model_dir, spec, work, imatrix, calibration)
         return {"modules": plan_modules(model_dir, record), "record": record, "imatrix": imatrix}
 
@@ -100,7 +100,8 @@ class GgufFormat(Format):
         imatrix = None
         if spec.imatrix:  # under a budget, a checkpoint solved for it carries the plan's
             carried = read_plan_imatrix(model_dir) if spec.max_size_mb is not None else None
-            imatrix = carried or imatrix_for(model_dir, work, calibration)
+            imatrix = carried or imatrix_for(model_dir, work, calibration,
+                                             with_fisher=plans_here(model_dir, spec))
         if spec.max_size_mb is not None:
             from edgellm.export.gguf_budget import export_budget_gguf
 
@@ -109,13 +110,23 @@ class GgufFormat(Format):
         return export_gguf(model_dir, self.artifact_path(staging), spec.weights, work, imatrix)
 
 
-def imatrix_for(model_dir: Path, work: Path, calibration) -> dict:
-    """llama.cpp's importance matrix of `model_dir` on the calibration text, cached in `work`."""
+def imatrix_for(model_dir: Path, work: Path, calibration, with_fisher: bool = False) -> dict:
+    """llama.cpp's importance matrix of `model_dir` on the calibration text, cached in `work`;
+    `with_fisher`: a budget plan follows, whose Fisher pass shares the matrix's pass."""
+    from edgellm.export.fisher import fisher_cache
     from edgellm.export.imatrix import compute_imatrix
 
     key = sha256_json(calibration.model_dump())[:12]
     return compute_imatrix(model_dir, calibration.text, calibration.samples, calibration.seqlen,
-                           work / f"imatrix-{key}.npz")
+                           work / f"imatrix-{key}.npz",
+                           fisher_cache(calibration, work) if with_fisher else None)
+
+
+def plans_here(model_dir: Path, spec) -> bool:
+    """Whether a budget export works its plan out (no checkpoint solved for it carries one)."""
+    from edgellm.export.allocation import carried_plan
+
+    return spec.max_size_mb is not None and carried_plan(model_dir, spec) is None
 
 
 FORMAT = GgufFormat()
