@@ -11,8 +11,9 @@ The same walk keeps what it reads (`read_gguf_meta`): every metadata value with 
 and each tensor's element count, type, shape and place in the file. gguf-py's reader
 builds a numpy view per array item, which takes 20 s on Gemma 3's 262,144-token vocabulary
 against well under a second here, and edgellm reads a source's metadata several times per
-run (family, BOS, vocabulary, size) and the sensitivity table each candidate's matrices, so
-each file is walked once per process.
+run (family, BOS, vocabulary, size), the sensitivity table each candidate's matrices and
+GPTQ's GGUF writer whole files (`tensor_array` gives each tensor as gguf-py's writer takes
+it), so each file is walked once per process.
 """
 
 from __future__ import annotations
