@@ -13,10 +13,11 @@ costs less in the plan than one it cannot, and the plan gives its bits where the
 count after GPTQ. Rounding only (no GPTQ step), the plan keeps the plain prices. Used by
 the ONNX and MLX budgets; a GGUF plan priced this way measured worse (docs/design.md).
 
-Computed on the float model (the Fisher pass's calibration windows, forward only), for
-every linear GPTQ solves: each decoder layer's, and an untied lm_head (solved on the
-final norm's outputs). A tied embedding keeps t = 1: its lookup rows are not GPTQ's.
-Cached by content like the Fisher pass.
+Computed on the float model over the Fisher pass's calibration windows, for every linear
+GPTQ solves: each decoder layer's, and an untied lm_head (solved on the final norm's
+outputs). A tied embedding keeps t = 1: its lookup rows are not GPTQ's. Cached by content
+like the Fisher pass; a missing Fisher pass is computed in the same pass (the windows run
+forward and backward once instead of forward twice), so a budget asks for this first.
 """
 
 from __future__ import annotations
@@ -62,18 +63,19 @@ def gptq_attenuation(model_dir: Path, calibration, work: Path) -> dict[str, np.n
         with np.load(cache) as stored:
             return {name: stored[name] for name in stored.files}
     shares = {f"{name}.weight": survivor_share(H)
-              for name, H in _input_hessians(model_dir, calibration).items()}
+              for name, H in _input_hessians(model_dir, calibration, work).items()}
     with atomic_path(cache) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **shares)
     return shares
 
 
-def _input_hessians(model_dir: Path, calibration) -> dict:
+def _input_hessians(model_dir: Path, calibration, work: Path) -> dict:
     """{module name: Σ x xᵀ of its inputs} for the decoder layers' linears and an untied
-    lm_head, over the Fisher pass's windows; linears reading one tensor share one sum."""
+    lm_head, over the Fisher pass's windows; linears reading one tensor share one sum. The
+    Fisher pass, when `work` lacks it, runs in the same forward passes."""
     import torch
 
-    from edgellm.export.fisher import FISHER_WINDOWS
+    from edgellm.export.fisher import FISHER_WINDOWS, FisherSums, fisher_cache
     from edgellm.export.imatrix import calibration_windows
     from edgellm.models import load_folder_model
 
@@ -89,7 +91,7 @@ def _input_hessians(model_dir: Path, calibration) -> dict:
         def hook(_module, args):
             x = args[0]
             if id(x) not in seen:
-                flat = x.reshape(-1, x.shape[-1]).double()
+                flat = x.detach().reshape(-1, x.shape[-1]).double()
                 total = sums.get(name)
                 if total is None:
                     total = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
@@ -98,14 +100,22 @@ def _input_hessians(model_dir: Path, calibration) -> dict:
             sums[name] = seen[id(x)][1]
         return hook
 
+    cache = fisher_cache(calibration, work)
+    fisher = None if cache.is_file() else FisherSums(model)
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
     windows = calibration_windows(model_dir, calibration.text, FISHER_WINDOWS, calibration.seqlen)
     try:
-        with torch.no_grad():
-            for window in windows:
-                seen.clear()
-                model(input_ids=torch.from_numpy(window.astype(np.int64))[None], use_cache=False)
+        for window in windows:
+            seen.clear()
+            ids = torch.from_numpy(window.astype(np.int64))[None]
+            if fisher:
+                fisher.add(ids)
+            else:
+                with torch.no_grad():
+                    model(input_ids=ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
+    if fisher:
+        fisher.save(cache)
     return sums

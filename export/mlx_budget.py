@@ -120,8 +120,8 @@ def budget_plan(model_dir: Path, spec, work: Path, calibration, gptq: bool = Fal
     from edgellm.export.fisher import fisher_by_parameter, float_matrices
     from edgellm.export.gptq_pricing import gptq_attenuation
 
-    fisher = fisher_by_parameter(model_dir, calibration, work)
-    attenuation = gptq_attenuation(model_dir, calibration, work) if gptq else {}
+    attenuation = gptq_attenuation(model_dir, calibration, work) if gptq else {}  # first:
+    fisher = fisher_by_parameter(model_dir, calibration, work)  # computed in its pass
     key = sha256_json([sha256_files(sorted(Path(model_dir).glob("*.safetensors"))),
                        {k: float(v.sum()) for k, v in fisher.items()}, list(spec.candidates),
                        "searched", {k: float(v.sum()) for k, v in attenuation.items()}])

@@ -167,8 +167,8 @@ def budget_plan(model_dir: Path, spec, work: Path, calibration, gptq: bool = Fal
     from edgellm.export.fisher import fisher_by_parameter
     from edgellm.export.gptq_pricing import gptq_attenuation
 
-    fisher = fisher_by_parameter(model_dir, calibration, work)
-    attenuation = gptq_attenuation(model_dir, calibration, work) if gptq else {}
+    attenuation = gptq_attenuation(model_dir, calibration, work) if gptq else {}  # first:
+    fisher = fisher_by_parameter(model_dir, calibration, work)  # computed in its pass
     graph_dir = float_graph(model_dir, work, spec)
     key = sha256_json([graph_dir.name, {k: float(v.sum()) for k, v in fisher.items()},
                        list(spec.candidates), spec.block_size, spec.symmetric, "priced-only",

@@ -70,3 +70,24 @@ def test_a_plan_made_for_gptq_prices_below_the_rounding_plan(tmp_path, tiny_llam
     assert (rounding["priced_for"], solved["priced_for"]) == ("rounding", "gptq")
     assert solved["predicted_kl"] < rounding["predicted_kl"]
     assert solved["predicted_bytes"] <= spec.max_size_mb * 1e6
+
+
+def test_the_fisher_pass_shares_the_pricing_pass_and_both_come_out_as_alone(tmp_path, tiny_llama):
+    """A budget priced for GPTQ computes the Fisher pass inside the survivor shares' pass
+    (the same windows): same values as each computed alone."""
+    from edgellm.export.fisher import fisher_by_parameter, fisher_cache
+    from edgellm.export.gptq_pricing import gptq_attenuation
+    from edgellm.recipe import CalibrationSpec
+
+    calibration = CalibrationSpec(text="wikitext-2-valid", samples=4, seqlen=64)
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    alone.mkdir(), shared.mkdir()
+    fisher = fisher_by_parameter(tiny_llama, calibration, alone)
+    shares = gptq_attenuation(tiny_llama, calibration, alone)
+    together = gptq_attenuation(tiny_llama, calibration, shared)
+    assert fisher_cache(calibration, shared).is_file()
+    assert shares.keys() == together.keys() and shares
+    assert all(np.array_equal(shares[name], together[name]) for name in shares)
+    with np.load(fisher_cache(calibration, shared)) as stored:
+        assert set(stored.files) == set(fisher)
+        assert all(np.array_equal(stored[name], fisher[name]) for name in fisher)
