@@ -40,15 +40,17 @@ def compute_imatrix(model_dir: Path, text: str, samples: int, seqlen: int,
     squares = InputSquares(model, gguf_name_map(model_dir))
     fisher = FisherSums(model) if fisher_cache and not fisher_cache.is_file() else None
     count = max(samples, FISHER_WINDOWS) if fisher else samples
-    for index, window in enumerate(calibration_windows(model_dir, text, count, seqlen)):
-        ids = torch.from_numpy(window.astype(np.int64))[None]
-        squares.active = index < samples
-        if fisher and index < FISHER_WINDOWS:
-            fisher.add(ids)
-        elif squares.active:
-            with torch.inference_mode():  # the decoder alone: lm_head is not weighed
-                model.base_model(input_ids=ids, use_cache=False)
-    squares.close()
+    try:
+        for index, window in enumerate(calibration_windows(model_dir, text, count, seqlen)):
+            ids = torch.from_numpy(window.astype(np.int64))[None]
+            squares.active = index < samples
+            if fisher and index < FISHER_WINDOWS:
+                fisher.add(ids)
+            elif squares.active:
+                with torch.inference_mode():  # the decoder alone: lm_head is not weighed
+                    model.base_model(input_ids=ids, use_cache=False)
+    finally:
+        squares.close()
     if fisher:
         fisher.save(fisher_cache)
     matrix = squares.means()
@@ -67,7 +69,7 @@ class InputSquares:
         import torch
 
         self.active, self.sums, self.counts, self.handles = True, {}, {}, []
-        self.last: tuple[int, object] | None = None  # (id of the last input, its squares)
+        self.last: tuple | None = None  # (last input tensor, (column sums of squares, rows))
         for module_name, module in model.named_modules():
             target = name_map.get_name(module_name + ".weight", try_suffixes=(".weight",))
             if isinstance(module, torch.nn.Linear) and target and module_name != "lm_head":
