@@ -1,4 +1,4 @@
-"""Evaluation texts: built-in names for the shared data files, reading, tokenizing once, windows.
+"""Evaluation and calibration texts: built-in names for the shared data files, reading, tokenizing once, windows.
 
 The protocol (docs/design.md): the base model's tokenizer turns the text into ids once;
 every runtime scores the same ids in non-overlapping windows of `ctx` tokens.
@@ -109,3 +109,17 @@ def token_windows(ids: np.ndarray, ctx: int, source: str = "text",
             "use a longer text or a smaller --ctx"
         )
     return [ids[i * ctx:(i + 1) * ctx] for i in range(count)]
+
+
+def calibration_windows(model_dir: Path, text: str, samples: int, seqlen: int) -> list[np.ndarray]:
+    """Up to `samples` windows of `seqlen` ids of the calibration text, BOS first where the
+    model's tokenizer adds it (as the evaluation windows)."""
+    from transformers import AutoTokenizer
+
+    from edgellm.source_meta import bos_of_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    path = resolve_text(text)
+    bos = bos_of_folder(model_dir)
+    ids = tokenize(tokenizer, read_text(path)[0], samples * (seqlen - (bos is not None)))
+    return token_windows(ids, seqlen, source=str(path), bos=bos)

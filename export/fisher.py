@@ -35,7 +35,7 @@ def fisher_by_parameter(model_dir: Path, calibration, work: Path) -> dict[str, n
             return {name: stored[name] for name in stored.files}
     import torch
 
-    from edgellm.export.imatrix import calibration_windows
+    from edgellm.data import calibration_windows
     from edgellm.models import load_folder_model
 
     windows = calibration_windows(model_dir, calibration.text, FISHER_WINDOWS,

@@ -76,7 +76,7 @@ def _input_hessians(model_dir: Path, calibration, work: Path) -> dict:
     import torch
 
     from edgellm.export.fisher import FISHER_WINDOWS, FisherSums, fisher_cache
-    from edgellm.export.imatrix import calibration_windows
+    from edgellm.data import calibration_windows
     from edgellm.models import load_folder_model
 
     model = load_folder_model(Path(model_dir)).eval()

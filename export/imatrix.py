@@ -16,8 +16,7 @@ import gguf
 import numpy as np
 
 from edgellm.archs import family_of
-from edgellm.data import read_text, resolve_text, token_windows, tokenize
-from edgellm.source_meta import bos_of_folder
+from edgellm.data import calibration_windows
 
 
 def compute_imatrix(model_dir: Path, text: str, samples: int, seqlen: int,
@@ -96,18 +95,6 @@ class InputSquares:
     def means(self) -> dict[str, np.ndarray]:
         return {name: (self.sums[name] / self.counts[name]).numpy().astype(np.float32)
                 for name in self.sums}
-
-
-def calibration_windows(model_dir: Path, text: str, samples: int, seqlen: int) -> list[np.ndarray]:
-    """Up to `samples` windows of `seqlen` ids of the calibration text, BOS first where the
-    model's tokenizer adds it (as the evaluation windows)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    path = resolve_text(text)
-    bos = bos_of_folder(model_dir)
-    ids = tokenize(tokenizer, read_text(path)[0], samples * (seqlen - (bos is not None)))
-    return token_windows(ids, seqlen, source=str(path), bos=bos)
 
 
 def gguf_name_map(model_dir: Path) -> gguf.TensorNameMap:

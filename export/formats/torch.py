@@ -59,6 +59,6 @@ def input_windows(model_dir: Path, calibration) -> list:
     without calibration text: decode steps then choose outliers per token)."""
     if calibration is None:
         return []
-    from edgellm.export.imatrix import calibration_windows
+    from edgellm.data import calibration_windows
 
     return calibration_windows(model_dir, calibration.text, INPUT_WINDOWS, calibration.seqlen)
