@@ -1,4 +1,5 @@
-"""Evaluation and calibration texts: built-in names for the shared data files, reading, tokenizing once, windows.
+"""Evaluation and calibration texts: built-in names for the shared data files, reading,
+tokenizing once, windows.
 
 The protocol (docs/design.md): the base model's tokenizer turns the text into ids once;
 every runtime scores the same ids in non-overlapping windows of `ctx` tokens.
