@@ -49,7 +49,7 @@ class Options(BaseModel):
 
     bits: Literal[4, 5, 8] | None = None  # in a recipe: taken from the export (q4_0, int4, ...)
     group_size: int | None = Field(None, gt=0)
-    grid: Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "nbits"] | None = None  # outside a recipe; nbits by default
+    grid: Literal["q4_0", "q5_0", "q8_0", "nbits"] | None = None  # outside a recipe; nbits by default
     symmetric: bool = True  # nbits grids outside a recipe (int4 sym g32 is also Q4_0's grid)
     act_order: bool = True
     clip_search: bool = True  # choose each block's scale by weighted rounding error

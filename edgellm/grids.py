@@ -226,8 +226,8 @@ class Q4_0(GgufGrid):
 class AffineGgufGrid(GgufGrid):
     """A GGUF block type with a float16 minimum: w = d·q + m. GPTQ solves onto integer zero
     points, w = (q − zero)·d (MatMulNBits' and MLX's affine grid, blocks of 32), and each
-    block stores m = −zero·d rounded to float16: at most 2⁻¹¹·zero steps from the solved
-    weight (under 0.8% of a step for Q4_1, 1.6% for Q5_1), as MLX's bias (export/mlx_gptq.py)."""
+    block stores m = −zero·d rounded to float16: at most 2⁻¹¹ of |zero·d| from the solved
+    weight, under 1% of a step (as MLX's bias, export/mlx_gptq.py)."""
 
     symmetric: bool = False
 
