@@ -123,11 +123,8 @@ def identity(options: Options, context) -> dict:
     if budget_of(context) is not None:  # the plan follows from the input, budget and calibration
         check_budget_options(options)
         del chosen["backend"]
-        candidates = list(context.export.candidates or ())
-        if {"q4_1", "q5_1"} & set(candidates):  # steps cached before GPTQ solved them left
-            chosen["q4_1_q5_1"] = "solved"     # those tensors float: not reused
         return {**chosen, "grid": "per-tensor", "max_size_mb": budget_of(context),
-                "candidates": candidates, "head": "solved"}
+                "candidates": list(context.export.candidates or ()), "head": "solved"}
     grid = grid_of(options, context)
     if options.backend == "native":  # keeps the keys of steps cached before backends existed
         del chosen["backend"]
