@@ -81,8 +81,8 @@ def grid_of(options: Options, context, method: str = "GPTQ") -> Grid:
                                options.symmetric)
     if not grid.gptq:
         offered = ", ".join(name for name, cls in GRIDS.items() if cls.gptq)
-        raise UserError(f"GPTQ onto {grid.label} is not offered (its integers do not fit a GPTQ "
-                        f"checkpoint): use one of {offered}")
+        raise UserError(f"GPTQ onto {grid.label} is not offered: its float minimum does not fit "
+                        f"a GPTQ checkpoint; use one of {offered}")
     return grid
 
 

@@ -8,10 +8,8 @@ the solver's integers as they are: each class fits, quantizes, dequantizes and s
 integers travel in a GPTQ checkpoint; GGUF grids also pack their blocks.
 
   Q4_0   GGUF Q4_0: blocks of 32, scale = signed absmax / -8, q in 0..15, w = d·(q-8)
-  Q4_1   GGUF Q4_1: blocks of 32, w = d·q + m; GPTQ solves onto integer zero points,
-         w = (q − zero)·d, and the block stores m = −zero·d in float16 (as MLX's bias)
+  Q4_1   GGUF Q4_1: blocks of 32, scale = (max-min)/15 and min, w = d·q + m
   Q5_0   GGUF Q5_0: blocks of 32, scale = signed absmax / -16, q in 0..31, w = d·(q-16)
-  Q5_1   GGUF Q5_1: Q4_1 with q in 0..31 (the checkpoint's 8-bit layout, as Q5_0's)
   Q8_0   GGUF Q8_0: blocks of 32, scale = absmax / 127, q in -127..127
   NBits  ONNX MatMulNBits (and the standard GPTQ checkpoint): 4 or 8 bits, blocks of
          16..256, with zero points (asymmetric, zero in the grid) or symmetric
@@ -178,35 +176,22 @@ class GgufGrid(Grid):
         return (linear.bits == self.storage_bits and linear.group == self.group
                 and bool((linear.zero == middle).all()) and int(linear.q.max()) <= self.qmax + self.offset)
 
-    def pack(self, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    def pack(self, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
         """GGUF block bytes [rows, blocks·bytes] from a checkpoint's unsigned integers q
-        [rows, cols], scales and zero points [rows, blocks] (packed here because gguf.quants
-        only quantizes floats; these integers are already chosen)."""
+        [rows, cols] and scales [rows, blocks] (packed here because gguf.quants only
+        quantizes floats; these integers are already chosen)."""
         rows, cols = q.shape
         q = q.astype(np.int64).reshape(rows, cols // 32, 32) - self.offset
-        head = [np.asarray(part, dtype=np.float32).astype(np.float16)
-                .reshape(rows, cols // 32, 1).view(np.uint8)
-                for part in self.block_floats(scale, np.asarray(zero) - self.offset)]
-        return np.concatenate([*head, *self.block_payload(q)], axis=2).reshape(rows, -1)
-
-    def block_floats(self, scale: np.ndarray, zero: np.ndarray) -> list[np.ndarray]:
-        """The float16 numbers at the head of each block, in ggml's order: the scale d."""
-        return [scale]
+        d = scale.astype(np.float16).reshape(rows, cols // 32, 1).view(np.uint8)
+        return np.concatenate([d, *self.block_payload(q)], axis=2).reshape(rows, -1)
 
     def block_payload(self, q: np.ndarray) -> list[np.ndarray]:
         """The bytes after each block's scale, from its integers q [rows, blocks, 32]."""
         raise NotImplementedError
 
 
-def _five_bits(q: np.ndarray) -> list[np.ndarray]:
-    """A 32-bit qh holding bit 4 of q[j] at bit j, then the low nibbles (Q5_0, Q5_1)."""
-    high = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
-    qh = high.sum(axis=2, dtype=np.uint32).astype("<u4")[..., None].view(np.uint8)
-    return [qh, _nibbles(q)]
-
-
 def _nibbles(q: np.ndarray) -> np.ndarray:
-    """16 bytes per block: q[j] in the low, q[j+16] in the high nibble (Q4_0/1, Q5_0/1)."""
+    """16 bytes per block: q[j] in the low, q[j+16] in the high nibble (Q4_0, Q5_0)."""
     low = q & 0xF
     return (low[..., :16] | (low[..., 16:] << 4)).astype(np.uint8)
 
@@ -223,38 +208,24 @@ class Q4_0(GgufGrid):
 
 
 @dataclass(frozen=True)
-class AffineGgufGrid(GgufGrid):
-    """A GGUF block type with a float16 minimum: w = d·q + m. GPTQ solves onto integer zero
-    points, w = (q − zero)·d (MatMulNBits' and MLX's affine grid, blocks of 32), and each
-    block stores m = −zero·d rounded to float16: at most 2⁻¹¹ of |zero·d| from the solved
-    weight, under 1% of a step (as MLX's bias, export/mlx_gptq.py)."""
-
+class Q4_1(GgufGrid):
     symmetric: bool = False
+    name: ClassVar[str] = "q4_1"
+    gptq: ClassVar[bool] = False  # its float minimum does not fit a GPTQ checkpoint
 
     def fit_range(self, w):
-        return _affine_range(self.bits, w)
+        """scale = (max-min)/15, zero = the f16 block minimum."""
+        low, high = w.min(dim=1).values, w.max(dim=1).values
+        return _f16((high - low) / self.qmax), _f16(low)
 
-    def holds(self, linear) -> bool:
-        """Any zero point on the grid: unsigned q and zero points up to qmax."""
-        return (linear.bits == self.storage_bits and linear.group == self.group
-                and int(linear.zero.max()) <= self.qmax and int(linear.zero.min()) >= 0
-                and int(linear.q.max()) <= self.qmax)
+    def quantize(self, w, scale, zero):
+        if w.dim() == 2:
+            scale, zero = scale[:, None], zero[:, None]
+        return torch.round((w - zero) / _nonzero(scale)).clamp(self.qmin, self.qmax)
 
-    def takes_checkpoint(self, bits: int, group: int, symmetric: bool) -> bool:
-        """An asymmetric checkpoint (integer zero points) of the grid's width and blocks."""
-        return not symmetric and group == self.group and bits == self.storage_bits == self.bits
-
-    def block_floats(self, scale, zero):
-        """d, then m = −zero·d (computed in float32, stored in float16)."""
-        return [scale, -zero.astype(np.float32) * scale.astype(np.float32)]
-
-
-@dataclass(frozen=True)
-class Q4_1(AffineGgufGrid):
-    name: ClassVar[str] = "q4_1"
-
-    def block_payload(self, q):
-        return [_nibbles(q)]
+    def value(self, q, scale, zero):
+        """ggml evaluates q·scale + min in float32."""
+        return q * scale + zero
 
 
 @dataclass(frozen=True)
@@ -264,16 +235,10 @@ class Q5_0(GgufGrid):
     autoround: ClassVar[bool] = True
 
     def block_payload(self, q):
-        return _five_bits(q)
-
-
-@dataclass(frozen=True)
-class Q5_1(AffineGgufGrid):
-    bits: int = 5
-    name: ClassVar[str] = "q5_1"
-
-    def block_payload(self, q):
-        return _five_bits(q)
+        """A 32-bit qh holding bit 4 of q[j] at bit j, then the low nibbles as Q4_0."""
+        high = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+        qh = high.sum(axis=2, dtype=np.uint32).astype("<u4")[..., None].view(np.uint8)
+        return [qh, _nibbles(q)]
 
 
 @dataclass(frozen=True)
@@ -316,7 +281,10 @@ class NBits(Grid):
     def fit_range(self, w):
         if self.symmetric:  # as GGUF's symmetric blocks (ONNX Runtime's own symmetric rounding)
             return _symmetric_range(self.bits, w)
-        return _affine_range(self.bits, w)
+        low = w.min(dim=1).values.clamp(max=0)
+        high = w.max(dim=1).values.clamp(min=0)
+        scale = _f16((high - low) / self.qmax)
+        return scale, torch.round(-low / _nonzero(scale)).clamp(0, self.qmax)
 
 
 GGUF_GRIDS = {name: cls for name, cls in GRIDS.items() if issubclass(cls, GgufGrid)}
@@ -327,16 +295,6 @@ def _symmetric_range(bits: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     half = 1 << (bits - 1)
     extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True))[:, 0]
     return _f16(extreme / -half), torch.full((len(w),), float(half))
-
-
-def _affine_range(bits: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block's range widened to hold 0: scale = (max − min)/qmax in float16, the
-    integer zero point nearest to −min/scale."""
-    qmax = (1 << bits) - 1
-    low = w.min(dim=1).values.clamp(max=0)
-    high = w.max(dim=1).values.clamp(min=0)
-    scale = _f16((high - low) / qmax)
-    return scale, torch.round(-low / _nonzero(scale)).clamp(0, qmax)
 
 
 def _f16(x: torch.Tensor) -> torch.Tensor:
@@ -405,7 +363,7 @@ def gguf_grid(name: str) -> GgufGrid:
 
 def grid_for_export(export, bits: int | None, group_size: int | None,
                     method: str = "GPTQ") -> Grid:
-    """The grid of a recipe export target (a GGUF grid's type, onnx/ort int4/int8), checked
+    """The grid of a recipe export target (gguf q4_0/q5_0/q8_0, onnx/ort int4/int8), checked
     against the step's own bits/group_size when it gives them (`method` names the step in
     the messages)."""
     if export.format == "gguf":

@@ -11,7 +11,7 @@ one --tensor-type override per tensor, with the same importance matrix.
 
 With GPTQ before the export (`compress = [{ method = "gptq" }]`), the plan is made on the
 float model first (the format's `tensor_plan`), GPTQ solves each linear onto its tensor's
-type (q4_0, q4_1, q5_0, q5_1, q8_0; k-quants stay float for llama.cpp), the checkpoint carries
+type (q4_0, q5_0, q8_0; k-quant tensors stay float for llama.cpp), the checkpoint carries
 the plan, and the solved integers replace llama.cpp's rounding of those tensors block for
 block (export/gguf_gptq.py): same types, same bytes, same file size.
 """

@@ -82,8 +82,7 @@ class RowIndex:
             if not grid.holds(linear):
                 raise UserError(f"GPTQ tensor {name} is not on the {grid.label} grid: export it "
                                 "as f16 or another type")
-            self.blocks[name] = grid.pack(linear.q.to(torch.int64).numpy(), linear.scale.numpy(),
-                                          linear.zero.to(torch.int64).numpy())
+            self.blocks[name] = grid.pack(linear.q.to(torch.int64).numpy(), linear.scale.numpy())
             for index, row in enumerate(linear.dequantize().numpy().astype(np.float32)):
                 self.by_hash.setdefault(row_hash(row), (name, index))
 

@@ -139,10 +139,8 @@ def test_gptq_model_runs_in_torch_close_to_the_original(tiny_llama, tiny_gptq):
     assert torch.nn.functional.cosine_similarity(original.flatten(), quantized.flatten(), dim=0) > 0.75
 
 
-@pytest.mark.parametrize("weights", ["q4_0", "q5_0", "q8_0", "q4_1", "q5_1"])
+@pytest.mark.parametrize("weights", ["q4_0", "q5_0", "q8_0"])
 def test_gguf_blocks_hold_the_solvers_weights_bit_for_bit(tiny_llama, tmp_path, weights):
-    """Symmetric types hold GPTQ's weights bit for bit; q4_1/q5_1 hold its integers and
-    scales, their float16 minimum −zero·d within 2⁻¹¹ of it (far under a step)."""
     import gguf
 
     from edgellm.export.gguf import export_gguf
@@ -160,14 +158,7 @@ def test_gguf_blocks_hold_the_solvers_weights_bit_for_bit(tiny_llama, tmp_path, 
             assert tensor.tensor_type == gguf.GGMLQuantizationType[weights.upper()]
             stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
             expected = solved[f"model.layers.{layer}.{hf}.weight"].numpy()
-            if weights.endswith("_1"):  # each row (q/k rows permuted) within m's rounding
-                distance = np.abs(stored[:, None, :] - expected[None, :, :]).max(axis=2)
-                match = distance.argmin(axis=1)
-                assert sorted(match) == list(range(len(expected))), tensor.name
-                error = distance[np.arange(len(stored)), match].max()
-                step = np.ptp(expected, axis=1).min() / (2 ** int(weights[1]) - 1)
-                assert 0 < error <= 2 ** -10 * np.abs(expected).max() < 0.01 * step, tensor.name
-            elif permute:  # llama.cpp's converter reorders q/k rows (rope pairs): same rows
+            if permute:  # llama.cpp's converter reorders q/k rows (rope pairs): same rows
                 assert sorted(r.tobytes() for r in stored) == \
                     sorted(r.tobytes() for r in expected), tensor.name
             else:

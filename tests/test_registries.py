@@ -109,7 +109,7 @@ def test_artifact_paths_come_from_the_registry():
 
 
 def test_grids_are_registered_by_name_and_aliases_resolve_once():
-    assert set(GGUF_GRIDS) == {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0"} and "nbits" in GRIDS
+    assert set(GGUF_GRIDS) == {"q4_0", "q4_1", "q5_0", "q8_0"} and "nbits" in GRIDS
     assert all(gguf_grid(name).label == name for name in GGUF_GRIDS)
     assert canonical(NBits(4, 32, True)) == Q4_0()
     assert canonical(NBits(4, 32, False)) == NBits(4, 32, False)
@@ -117,7 +117,4 @@ def test_grids_are_registered_by_name_and_aliases_resolve_once():
     # a foreign checkpoint is on a GGUF grid by its settings: symmetric, as wide, blocks of 32
     assert gguf_grid("q8_0").takes_checkpoint(8, 32, True)
     assert not gguf_grid("q5_0").takes_checkpoint(8, 32, True)  # 8-bit ints are not 5-bit
-    # q4_1/q5_1 hold asymmetric checkpoints (integer zero points; the block's minimum −zero·d)
-    assert gguf_grid("q4_1").takes_checkpoint(4, 32, False)
-    assert not gguf_grid("q4_1").takes_checkpoint(4, 32, True)
-    assert gguf_grid("q5_1").takes_checkpoint(8, 32, False) is False  # 8-bit ints are not 5-bit
+    assert not gguf_grid("q4_1").takes_checkpoint(4, 32, True)  # q4_1 holds no GPTQ checkpoint
