@@ -75,8 +75,8 @@ def _input_hessians(model_dir: Path, calibration, work: Path) -> dict:
     Fisher pass, when `work` lacks it, runs in the same forward passes."""
     import torch
 
-    from edgellm.export.fisher import FISHER_WINDOWS, FisherSums, fisher_cache
     from edgellm.data import calibration_windows
+    from edgellm.export.fisher import FISHER_WINDOWS, FisherSums, fisher_cache
     from edgellm.models import load_folder_model
 
     model = load_folder_model(Path(model_dir)).eval()
