@@ -20,7 +20,7 @@ import numpy as np
 
 from edgellm.artifacts import sha256_json
 from edgellm.export.allocation import cached_table
-from edgellm.gguf_bounds import TensorSpan, read_gguf_meta
+from edgellm.gguf_bounds import read_gguf_meta, tensor_array
 
 
 def fisher_columns(model_dir: Path, calibration, work: Path) -> dict[str, np.ndarray]:
@@ -98,11 +98,5 @@ def _matrices(path: Path):
     data = np.memmap(path, dtype=np.uint8, mode="r")
     for name, span in read_gguf_meta(path).spans.items():
         if len(span.shape) == 2:
-            values = gguf.quants.dequantize(_rows(data, span), span.kind)
+            values = gguf.quants.dequantize(tensor_array(data, span), span.kind)
             yield name, span.kind.name, span.nbytes, values.reshape(span.shape)
-
-
-def _rows(data: np.ndarray, span: TensorSpan) -> np.ndarray:
-    """The tensor's bytes in the file's map `data` (uint8), a row per row of the tensor:
-    what gguf.quants.dequantize takes for any type."""
-    return data[span.offset:span.offset + span.nbytes].reshape(span.shape[0], -1)
