@@ -84,8 +84,7 @@ def identity(options: Options, context) -> dict:
               "library": f"{PACKAGE} {library_version()}", "revision": REVISION}
     check_budget_options(options, context)
     if gptq.budget_of(context) is not None:
-        return {**chosen, "grid": "per-tensor", "max_size_mb": gptq.budget_of(context),
-                "candidates": list(context.export.candidates or ()), "head": "solved"}
+        return {**chosen, **gptq.budget_identity(context)}
     return {**chosen, "grid": single_grid(options, context).label}
 
 

@@ -92,6 +92,15 @@ def budget_of(context):
     return getattr(export, "max_size_mb", None) if export is not None else None
 
 
+def budget_identity(context) -> dict:
+    """What names a step solved under a budget's plan: the plan follows from the input, the
+    budget, its candidates and the calibration. GGUF plans are priced with the logits'
+    matrix in the importance matrix since 2026-12-05: steps cached before are not reused."""
+    weighed = {"imatrix_logits": True} if context.export.format == "gguf" else {}
+    return {"grid": "per-tensor", "max_size_mb": budget_of(context),
+            "candidates": list(context.export.candidates or ()), "head": "solved", **weighed}
+
+
 def check_budget_options(options: Options) -> None:
     if options.bits is not None or options.group_size is not None or options.backend != "native":
         raise UserError("GPTQ under a size budget takes each tensor's grid from the budget: "
@@ -123,8 +132,7 @@ def identity(options: Options, context) -> dict:
     if budget_of(context) is not None:  # the plan follows from the input, budget and calibration
         check_budget_options(options)
         del chosen["backend"]
-        return {**chosen, "grid": "per-tensor", "max_size_mb": budget_of(context),
-                "candidates": list(context.export.candidates or ()), "head": "solved"}
+        return {**chosen, **budget_identity(context)}
     grid = grid_of(options, context)
     if options.backend == "native":  # keeps the keys of steps cached before backends existed
         del chosen["backend"]

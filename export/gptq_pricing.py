@@ -71,12 +71,14 @@ def gptq_attenuation(model_dir: Path, calibration, work: Path) -> dict[str, np.n
 
 def _input_hessians(model_dir: Path, calibration, work: Path) -> dict:
     """{module name: Σ x xᵀ of its inputs} for the decoder layers' linears and an untied
-    lm_head, over the Fisher pass's windows; linears reading one tensor share one sum. The
-    Fisher pass, when `work` lacks it, runs in the same forward passes."""
+    lm_head, over the Fisher pass's windows (export/input_sums.py: linears reading one
+    tensor compute its product once). The Fisher pass, when `work` lacks it, runs in the
+    same forward passes."""
     import torch
 
     from edgellm.data import calibration_windows
     from edgellm.export.fisher import FISHER_WINDOWS, FisherSums, fisher_cache
+    from edgellm.export.input_sums import InputSums
     from edgellm.models import load_folder_model
 
     model = load_folder_model(Path(model_dir)).eval()
@@ -84,29 +86,12 @@ def _input_hessians(model_dir: Path, calibration, work: Path) -> dict:
         model.get_output_embeddings().weight is model.get_input_embeddings().weight
     linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                and (name.startswith("model.layers.") or (name == "lm_head" and not tied))}
-    sums: dict[str, torch.Tensor] = {}
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one forward: input id → sum
-
-    def hook_for(name):
-        def hook(_module, args):
-            x = args[0]
-            if id(x) not in seen:
-                flat = x.detach().reshape(-1, x.shape[-1]).double()
-                total = sums.get(name)
-                if total is None:
-                    total = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
-                total += flat.T @ flat
-                seen[id(x)] = (x, total)
-            sums[name] = seen[id(x)][1]
-        return hook
-
     cache = fisher_cache(calibration, work)
     fisher = None if cache.is_file() else FisherSums(model)
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
+    hessians = InputSums(linears, input_hessian)
     windows = calibration_windows(model_dir, calibration.text, FISHER_WINDOWS, calibration.seqlen)
     try:
         for window in windows:
-            seen.clear()
             ids = torch.from_numpy(window.astype(np.int64))[None]
             if fisher:
                 fisher.add(ids)
@@ -114,8 +99,12 @@ def _input_hessians(model_dir: Path, calibration, work: Path) -> dict:
                 with torch.no_grad():
                     model(input_ids=ids, use_cache=False)
     finally:
-        for handle in handles:
-            handle.remove()
+        hessians.close()
     if fisher:
         fisher.save(cache)
-    return sums
+    return hessians.sums
+
+
+def input_hessian(rows):
+    rows = rows.double()
+    return rows.T @ rows

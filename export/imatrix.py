@@ -17,6 +17,7 @@ import numpy as np
 
 from edgellm.archs import family_of
 from edgellm.data import calibration_windows
+from edgellm.export.input_sums import InputSums
 
 
 def compute_imatrix(model_dir: Path, text: str, samples: int, seqlen: int,
@@ -36,7 +37,7 @@ def compute_imatrix(model_dir: Path, text: str, samples: int, seqlen: int,
     from edgellm.models import load_folder_model
 
     model = load_folder_model(model_dir)
-    squares = InputSquares(model, gguf_name_map(model_dir))
+    squares = input_squares(model, gguf_name_map(model_dir))
     fisher = FisherSums(model) if fisher_cache and not fisher_cache.is_file() else None
     count = max(samples, FISHER_WINDOWS) if fisher else samples
     try:
@@ -45,56 +46,60 @@ def compute_imatrix(model_dir: Path, text: str, samples: int, seqlen: int,
             squares.active = index < samples
             if fisher and index < FISHER_WINDOWS:
                 fisher.add(ids)
-            elif squares.active:
-                with torch.inference_mode():  # the decoder alone: lm_head is not weighed
+            elif squares.active:  # the decoder alone: the logits' inputs are its output
+                with torch.inference_mode():
                     model.base_model(input_ids=ids, use_cache=False)
     finally:
         squares.close()
     if fisher:
         fisher.save(fisher_cache)
-    matrix = squares.means()
+    matrix = means(squares)
     tmp = cache.with_name(cache.stem + ".partial.npz")
     np.savez(tmp, **matrix)
     tmp.replace(cache)
     return matrix
 
 
-class InputSquares:
-    """Forward hooks summing the squared inputs of every linear of the decoder (lm_head is
-    not weighed), per GGUF tensor, while `active`; linears reading one tensor (q/k/v,
-    gate/up) square it once."""
+def input_squares(model, name_map: gguf.TensorNameMap) -> InputSums:
+    """The sums of squared inputs per column of every linear, per GGUF tensor (linears
+    reading one tensor, q/k/v and gate/up, square it once). The logits' matrix is weighed
+    on the decoder's output (the final norm's), under the name of the tensor llama.cpp
+    multiplies: `output.weight`, or `token_embd.weight` when the embedding is tied to it
+    (as `llama-imatrix --process-output` does); llama.cpp has no other importance for that
+    matrix, a fifth of SmolLM2's weights and 63% of Gemma 3 270M's."""
+    import torch
 
-    def __init__(self, model, name_map: gguf.TensorNameMap):
-        import torch
+    linears = {}
+    for module_name, module in model.named_modules():
+        target = name_map.get_name(module_name + ".weight", try_suffixes=(".weight",))
+        if isinstance(module, torch.nn.Linear) and target and module_name != "lm_head":
+            linears[target] = module
+    squares = InputSums(linears, column_squares)
+    logits = logits_tensor(model)
 
-        self.active, self.sums, self.counts, self.handles = True, {}, {}, []
-        self.last: tuple | None = None  # (last input tensor, (column sums of squares, rows))
-        for module_name, module in model.named_modules():
-            target = name_map.get_name(module_name + ".weight", try_suffixes=(".weight",))
-            if isinstance(module, torch.nn.Linear) and target and module_name != "lm_head":
-                self.handles.append(module.register_forward_hook(self.hook(target)))
+    def decoder_output(_module, _inputs, output):
+        if squares.active:
+            squares.add(logits, output[0])
 
-    def hook(self, name: str):
-        def collect(_module, inputs, _output):
-            if not self.active:
-                return
-            x = inputs[0]
-            if self.last is None or self.last[0] is not x:
-                flat = x.detach().reshape(-1, x.shape[-1]).float()
-                self.last = (x, ((flat * flat).sum(dim=0), flat.shape[0]))
-            total, rows = self.last[1]
-            self.sums[name] = self.sums[name] + total if name in self.sums else total.clone()
-            self.counts[name] = self.counts.get(name, 0) + rows
-        return collect
+    squares.handles.append(model.base_model.register_forward_hook(decoder_output))
+    return squares
 
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.last = None
 
-    def means(self) -> dict[str, np.ndarray]:
-        return {name: (self.sums[name] / self.counts[name]).numpy().astype(np.float32)
-                for name in self.sums}
+def column_squares(rows):
+    rows = rows.float()
+    return (rows * rows).sum(dim=0)
+
+
+def means(squares: InputSums) -> dict[str, np.ndarray]:
+    """{GGUF tensor name: mean square per column}, as llama.cpp reads it."""
+    return {name: (squares.sums[name] / squares.rows[name]).numpy().astype(np.float32)
+            for name in squares.sums}
+
+
+def logits_tensor(model) -> str:
+    """The GGUF tensor the logits multiply: the embedding when lm_head is tied to it."""
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return "token_embd.weight" if tied else "output.weight"
 
 
 def gguf_name_map(model_dir: Path) -> gguf.TensorNameMap:

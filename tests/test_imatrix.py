@@ -17,10 +17,11 @@ def tiny_imatrix(tiny_llama, tmp_path_factory):
 
 def test_one_entry_per_linear_layer_named_as_in_gguf(tiny_imatrix):
     matrix, cache = tiny_imatrix
+    # the logits' matrix is the tied embedding, named as the tensor llama.cpp multiplies
     assert set(matrix) == {f"blk.{b}.{t}.weight" for b in range(2) for t in
                            ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
-                            "ffn_down")}
-    assert matrix["blk.0.attn_q.weight"].shape == (64,)
+                            "ffn_down")} | {"token_embd.weight"}
+    assert matrix["blk.0.attn_q.weight"].shape == matrix["token_embd.weight"].shape == (64,)
     assert matrix["blk.1.ffn_down.weight"].shape == (128,)
     assert all(np.all(v > 0) for v in matrix.values())
     assert cache.is_file()
@@ -38,6 +39,35 @@ def test_quantizer_uses_it_and_the_weights_change(tiny_llama, tiny_imatrix, tmp_
     changed = [t.name for t in gguf.GGUFReader(guided).tensors
                if t.name.startswith("blk.") and not np.array_equal(t.data, tensors[t.name])]
     assert changed  # same file type, different rounding
+
+
+def test_the_logits_entry_guides_the_tied_embedding(tiny_llama, tiny_imatrix, tmp_path):
+    """Its values are the final norm's outputs squared, and llama.cpp rounds the tied
+    embedding by them (every matrix q4_0: the embedding too)."""
+    import torch
+
+    from edgellm.data import calibration_windows
+    from edgellm.export.gguf import quantize_gguf
+    from edgellm.export.gguf_float import f32_intermediate
+    from edgellm.models import load_folder_model
+
+    matrix, _ = tiny_imatrix
+    model = load_folder_model(tiny_llama)
+    with torch.inference_mode():
+        hidden = torch.cat([model.base_model(input_ids=torch.from_numpy(w.astype(np.int64))[None])
+                            .last_hidden_state[0] for w in
+                            calibration_windows(tiny_llama, "wikitext-2-valid", 4, 64)])
+    assert np.allclose(matrix["token_embd.weight"], (hidden ** 2).mean(0).numpy(), rtol=1e-5)
+    f32 = f32_intermediate(tiny_llama, tmp_path)
+    without = {name: v for name, v in matrix.items() if name != "token_embd.weight"}
+    embeddings = []
+    for name, entries in (("with", matrix), ("without", without)):
+        quantize_gguf(f32, tmp_path / f"{name}.gguf", "q4_0", imatrix=entries, pure=True)
+        (embedding,) = [t for t in gguf.GGUFReader(tmp_path / f"{name}.gguf").tensors
+                        if t.name == "token_embd.weight"]
+        assert embedding.tensor_type == gguf.GGMLQuantizationType.Q4_0
+        embeddings.append(np.array(embedding.data))
+    assert not np.array_equal(*embeddings)
 
 
 def test_imatrix_is_refused_where_it_means_nothing():

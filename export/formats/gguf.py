@@ -118,7 +118,7 @@ def imatrix_for(model_dir: Path, work: Path, calibration, with_fisher: bool = Fa
 
     key = sha256_json(calibration.model_dump())[:12]
     return compute_imatrix(model_dir, calibration.text, calibration.samples, calibration.seqlen,
-                           work / f"imatrix-{key}.npz",
+                           work / f"imatrix-v2-{key}.npz",  # v2: with the logits' matrix
                            fisher_cache(calibration, work) if with_fisher else None)
 
 
