@@ -314,6 +314,12 @@ def context_length(source: ModelSource, config: dict | None) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+def has_tied_head(model) -> bool:
+    """Whether the model's logits multiply its token embedding (lm_head tied to it)."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
 def drop_gguf_quantizer(model) -> None:
     """Forget that weights came from a GGUF file: they are dequantized tensors now and
     transformers refuses to save a model that still carries the GGUF quantizer."""

@@ -79,11 +79,10 @@ def _input_hessians(model_dir: Path, calibration, work: Path) -> dict:
     from edgellm.data import calibration_windows
     from edgellm.export.fisher import FISHER_WINDOWS, FisherSums, fisher_cache
     from edgellm.export.input_sums import InputSums
-    from edgellm.models import load_folder_model
+    from edgellm.models import has_tied_head, load_folder_model
 
     model = load_folder_model(Path(model_dir)).eval()
-    tied = model.get_output_embeddings() is not None and \
-        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    tied = has_tied_head(model)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                and (name.startswith("model.layers.") or (name == "lm_head" and not tied))}
     cache = fisher_cache(calibration, work)

@@ -98,8 +98,9 @@ def means(squares: InputSums) -> dict[str, np.ndarray]:
 
 def logits_tensor(model) -> str:
     """The GGUF tensor the logits multiply: the embedding when lm_head is tied to it."""
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    return "token_embd.weight" if tied else "output.weight"
+    from edgellm.models import has_tied_head
+
+    return "token_embd.weight" if has_tied_head(model) else "output.weight"
 
 
 def gguf_name_map(model_dir: Path) -> gguf.TensorNameMap:
