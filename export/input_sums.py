@@ -38,7 +38,10 @@ class InputSums:
             flat = x.detach().reshape(-1, x.shape[-1])
             self.last = (x, self.statistic(flat), flat.shape[0])
         _, value, rows = self.last
-        self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        if name in self.sums:
+            self.sums[name] += value
+        else:
+            self.sums[name] = value.clone()  # `value` may be added to the next name too
         self.rows[name] = self.rows.get(name, 0) + rows
 
     def close(self) -> None:
