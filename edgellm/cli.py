@@ -127,39 +127,47 @@ def export(
         min=0, help="Auto choice: measure --to's weight types (gguf, onnx, mlx), keep the "
                     "best that fits (report in OUT).")]
     = None,
+    target_bpw: Annotated[float | None, typer.Option(
+        min=0, help="Auto choice: the size budget as bits per weight of the file (bpw × "
+                    "parameters / 8 bytes), instead of --max-size-mb.")]
+    = None,
     max_ppl_increase_pct: Annotated[float | None, typer.Option(
         help="Auto choice: keep the smallest type within this perplexity increase.")] = None,
     candidates: Annotated[str | None, typer.Option(
         help="Auto choice: comma-separated types to try (default: GGUF f16 … q2_k, ONNX "
              "f32 … int4, MLX f16 … q4, and mixed: a type per tensor planned for "
-             "--max-size-mb).")] = None,
+             "--max-size-mb or --target-bpw).")] = None,
     text: Annotated[str, typer.Option(help="Auto choice: evaluation text.")]
     = "wikitext-2-raw-test",
     max_tokens: Annotated[int, typer.Option(min=1, help="Auto choice: tokens scored.")] = 16384,
     ctx: Annotated[int, typer.Option(min=16, help="Auto choice: window length.")] = 512,
 ):
     """Export MODEL to a deployable GGUF file or ONNX/ORT/MLX folder and print its path.
-    With --max-size-mb and/or --max-ppl-increase-pct, measure candidate types of --to
-    (GGUF, ONNX or MLX) in its runtime and keep the one that meets the budgets best."""
+    With --max-size-mb (or --target-bpw) and/or --max-ppl-increase-pct, measure candidate
+    types of --to (GGUF, ONNX or MLX) in its runtime and keep the one that meets the budgets
+    best."""
     from edgellm.errors import no_room_is_user_error
     from edgellm.standalone import export_model
 
     if ollama and to != "gguf":
         raise UserError(f"--ollama needs --to gguf (Ollama runs GGUF files), not --to {to}")
-    auto = max_size_mb is not None or max_ppl_increase_pct is not None
-    for option, value in (("--max-size-mb", max_size_mb),
-                          ("--max-ppl-increase-pct", max_ppl_increase_pct)):
+    budgets = {"--max-size-mb": max_size_mb, "--target-bpw": target_bpw,
+               "--max-ppl-increase-pct": max_ppl_increase_pct}
+    auto = any(value is not None for value in budgets.values())
+    for option, value in budgets.items():
         if value is not None and not math.isfinite(value):
             raise UserError(f"{option} {value} is not a finite number: give a budget such as 100")
+    if max_size_mb is not None and target_bpw is not None:
+        raise UserError("--max-size-mb and --target-bpw are the same budget: give one of them")
     if auto and weights:
-        raise UserError("--max-size-mb/--max-ppl-increase-pct choose the weight type: leave "
-                        "--weights out (or list types in --candidates)")
+        raise UserError("--max-size-mb/--target-bpw/--max-ppl-increase-pct choose the weight "
+                        "type: leave --weights out (or list types in --candidates)")
     with no_room_is_user_error(out):
         if auto:
             from edgellm.auto import choose
 
             path, choice = choose(
-                model, to, out, console, max_size_mb=max_size_mb,
+                model, to, out, console, max_size_mb=max_size_mb, target_bpw=target_bpw,
                 max_ppl_increase_pct=max_ppl_increase_pct,
                 candidates=candidates.split(",") if candidates else None, text=text,
                 max_tokens=max_tokens, ctx=ctx, allow_pickle=allow_pickle, force=force)

@@ -111,7 +111,7 @@ def _tensor_type_lines(report: dict) -> list[str]:
             continue
         parts = ", ".join(f"{kind} {v['tensors']} ({v['bytes'] / 1e6:.1f} MB)"
                           for kind, v in row["tensor_types"].items())
-        lines.append(f"Tensor types of {row['name']} (chosen for ≤ {row['max_size_mb']:g} MB, "
+        lines.append(f"Tensor types of {row['name']} (chosen for ≤ {row['max_size_mb']:.4g} MB, "
                      f"predicted KL {row['predicted_kl']:.4f}): {parts}.")
     return lines
 

@@ -54,10 +54,15 @@ def check_bpw(target: float, bpw: dict[str, float]) -> str | None:
     return None
 
 
+def bpw_size_mb(target_bpw: float, params: int) -> float:
+    """The size budget, in MB, of a file of `target_bpw` bits per parameter."""
+    return target_bpw * params / 8 / 1e6
+
+
 def resolve_bpw(spec, params: int) -> None:
     """target_bpw → max_size_mb: the file's bits over the model's parameters."""
     if spec.target_bpw is not None:
-        spec.max_size_mb = spec.target_bpw * params / 8 / 1e6
+        spec.max_size_mb = bpw_size_mb(spec.target_bpw, params)
 
 
 def size_floor_problem(spec, params: int, bpw: dict[str, float], what: str) -> str | None:

@@ -96,6 +96,29 @@ def test_a_type_per_matrix_planned_for_the_budget_is_a_candidate(tmp_path, tiny_
     assert list(out.glob("chosen-*")) == ([linked] if to == "gguf" else [])
 
 
+def test_a_budget_in_bits_per_weight_is_that_size_on_the_models_parameters(tmp_path, tiny_llama):
+    """--target-bpw: the mixed candidate plans for the bpw, the single types are measured
+    only where they fit bpw × parameters / 8, and the choice says both."""
+    from pathlib import Path
+
+    from edgellm.resources import count_parameters
+
+    out, bpw = tmp_path / "out", 7.5  # the tiny model: q4_0 6.0 bpw, q8_0 9.2 (its vocabulary)
+    size_mb = bpw * count_parameters(sorted(Path(tiny_llama).glob("*.safetensors"))) / 8 / 1e6
+    result = run_cli("export", tiny_llama, "--candidates", "q8_0,q4_0,mixed", "--target-bpw", bpw,
+                     "--max-tokens", 256, "--ctx", 64, "--out", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in report["variants"][1:]}
+    assert set(rows) == {"gguf-q4_0", "gguf-mixed-7.5bpw"}
+    assert [r["name"] for r in report["not_measured"]] == ["gguf-q8_0"]  # over 7.5 bpw
+    assert rows["gguf-mixed-7.5bpw"]["size_bytes"] <= size_mb * 1e6
+    assert rows["gguf-mixed-7.5bpw"]["size_bytes"] > rows["gguf-q4_0"]["size_bytes"]
+    choice = report["choice"]
+    assert choice["target_bpw"] == bpw and choice["max_size_mb"] == pytest.approx(size_mb)
+    assert f"size ≤ {size_mb:.1f} MB (7.5 bpw)" in choice["budget_text"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--to", "ort", "--max-size-mb", 10], "in gguf, onnx, mlx: not --to ort"),
     (["--to", "torch", "--candidates", "f16", "--max-size-mb", 10], "not --to torch"),
@@ -103,6 +126,10 @@ def test_a_type_per_matrix_planned_for_the_budget_is_a_candidate(tmp_path, tiny_
     (["--to", "onnx", "--candidates", "q4_0", "--max-size-mb", 10], "weights 'q4_0' not available"),
     (["--candidates", "q9_9", "--max-size-mb", 10], "weights 'q9_9' not available"),
     (["--candidates", "q4_0,mixed", "--max-ppl-increase-pct", 5], "give --max-size-mb"),
+    (["--target-bpw", 1.5], "--target-bpw 1.5 is below the smallest candidate type"),
+    (["--to", "mlx", "--target-bpw", 12], "--target-bpw 12 is above the largest candidate type"),
+    (["--target-bpw", 5, "--max-size-mb", 10], "the same budget: give one of them"),
+    (["--max-size-mb", 0], "--max-size-mb: Input should be greater than 0"),
 ])
 def test_bad_auto_choice_options_are_one_line(tmp_path, tiny_llama, args, message):
     result = run_cli("export", tiny_llama, *args, "--out", tmp_path / "o")
