@@ -29,9 +29,9 @@ class NoCandidateFits(UserError):
 
 def choose(model: str, to: str, out: Path, console: Console, *,
            max_size_mb: float | None, max_ppl_increase_pct: float | None,
-           target_bpw: float | None = None, candidates: list[str] | None = None, text: str = "wikitext-2-raw-test",
-           max_tokens: int = 16384, ctx: int = 512, allow_pickle: bool = False,
-           force: bool = False) -> tuple[Path, dict]:
+           target_bpw: float | None = None, candidates: list[str] | None = None,
+           text: str = "wikitext-2-raw-test", max_tokens: int = 16384, ctx: int = 512,
+           allow_pickle: bool = False, force: bool = False) -> tuple[Path, dict]:
     """Build and measure the candidates of format `to` into `out`; return the path of the
     chosen artifact (a GGUF linked to `out/chosen-<name>.gguf`; a folder format's folder
     inside its variant) and the choice record. A `target_bpw` is the size budget stated
